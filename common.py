@@ -1,0 +1,228 @@
+"""
+What several stages share, and nothing else (DESIGN.md): configuration, distributed set-up, checkpoints of
+model + config + tokenizer, learning-rate schedules and the MFU helper.
+"""
+
+import ast
+import datetime
+import difflib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
+
+# -----------------------------------------------------------------------------
+# configuration: defaults are plain names at the top of each stage, then configs/x.py, then --key=value
+# (nanoGPT's configurator, made strict: an unknown key or a value of the wrong type is an error)
+
+CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
+
+
+def load_config(scope, argv=None):
+    """Override the stage's defaults in `scope` (its globals()) from config files and --key=value arguments,
+    in the order given. The defaults are the names defined so far whose values are plain data and that do not
+    start with an underscore, so call it right after the block of defaults, before any constant tables.
+    Returns the final configuration as a dict (for logs and checkpoints)."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config file not found: {arg}")
+            file_scope = {}
+            exec(open(arg, encoding="utf-8").read(), file_scope)
+            for key, value in file_scope.items():
+                # a config file may compute with helpers of its own (_name, imports); those are not settings
+                if not key.startswith("_") and isinstance(value, CONFIG_TYPES):
+                    scope[key] = _checked(key, value, defaults, source=arg)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep and isinstance(defaults.get(key), bool):
+                text = "True"  # a bare --flag switches a boolean on
+            elif not sep:
+                raise SystemExit(f"expected --key=value, got {arg}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string: --out_dir=out/tiny
+            scope[key] = _checked(key, value, defaults, source=arg)
+    return {k: scope[k] for k in defaults}
+
+
+def _checked(key, value, defaults, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise SystemExit(f"unknown config key '{key}' (from {source}).{hint}\nValid keys: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and type(value) is float and value.is_integer():
+        return int(value)  # max_iters=1e6 means an integer
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if isinstance(default, str) and isinstance(value, (int, float)):
+        return str(value)  # --out_dir=2024 is a path, not a number
+    raise SystemExit(f"config key '{key}' (from {source}) expects {type(default).__name__}, "
+                     f"got {type(value).__name__}: {value!r}")
+
+
+def model_config_from(scope):
+    """The ModelConfig named by a stage's settings (d_model, n_layer, ...; any field not set keeps its default)."""
+    return ModelConfig(**{f.name: scope[f.name] for f in fields(ModelConfig) if f.name in scope})
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python stage.py` is a world of one
+
+def setup_distributed(device="auto", timeout_minutes=30):
+    """Returns (rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU. The process-group timeout is a
+    setting because collectives wait on the slowest rank: Tanuki's 8x8B checkpoint saves to slow storage hit the
+    default 10 minutes and needed 30 (TANUKI.md "What failed")."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=torch.device(device) if device.startswith("cuda") else None)
+    return rank, local_rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: 128 ranks printing the same line help nobody"""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints every later stage loads: a directory with config.json, model.safetensors and the tokenizer
+
+def save_checkpoint(directory, model, enc, stage, extra=None):
+    """Write model weights (safetensors), config.json (model shape, stage provenance, tokenizer hash) and the
+    tokenizer files. Atomic: everything is written into a temporary sibling that is renamed into place, so a
+    crash mid-write leaves the previous checkpoint intact and never a half-written one under `directory`."""
+    from safetensors.torch import save_file
+    directory = os.path.abspath(directory)
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        del state["lm_head.weight"]  # the same tensor as embed.weight; safetensors refuses shared storage
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    save_tokenizer(enc, tmp)
+    meta = {"model": asdict(model.cfg), "stage": stage, "tokenizer_hash": tokenizer_hash(enc),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+    old = f"{directory}.old-{os.getpid()}"
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory, device="cpu", dtype=None):
+    """Returns (model, enc, meta) from a directory written by save_checkpoint. Weights load through safetensors,
+    never pickle, so a checkpoint from elsewhere cannot run code."""
+    from safetensors.torch import load_file
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory} is not a checkpoint: no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    enc = load_tokenizer(directory)
+    if meta.get("tokenizer_hash") not in (None, tokenizer_hash(enc)):
+        raise ValueError(f"{directory}: the tokenizer files do not match the one the model was trained with")
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**meta["model"]))
+    state = load_file(os.path.join(directory, "model.safetensors"))  # on the CPU
+    # allocate in the final dtype (default: the file's) on the final device, then copy the tensors in
+    # (load_state_dict casts): an 8B in bf16 never passes through the GPU in float32
+    model.to_empty(device=device).to(dtype or state["embed.weight"].dtype)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # to_empty gives every module a fresh tensor: tie again
+    if model.cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True)
+    model.init_rope()  # derived buffers are not in the file
+    return model, enc, meta
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedules
+
+def lr_at(step, max_lr, min_lr, warmup_steps, total_steps, schedule="cosine", decay_frac=0.2):
+    """Learning rate at `step` (0-based).
+    cosine: linear warmup, then cosine from max_lr to min_lr at total_steps (Tanuki's Megatron runs:
+            1000 warmup steps, 1e-4 -> 1e-6; TANUKI.md).
+    wsd:    warmup-stable-decay: linear warmup, max_lr held, then the last `decay_frac` of the steps cooled to
+            min_lr along 1 - sqrt (MiniCPM; Hagele et al. 2024). A run can be extended from any stable-phase
+            checkpoint, since nothing before the cooldown depends on total_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = total_steps - int(decay_frac * total_steps)
+        if step < decay_start:
+            return max_lr
+        progress = (step - decay_start) / max(1, total_steps - decay_start)
+        return min_lr + (max_lr - min_lr) * (1 - math.sqrt(progress))
+    raise ValueError(f"unknown lr schedule '{schedule}': use 'cosine' or 'wsd'")
+
+
+# -----------------------------------------------------------------------------
+# model FLOPs utilization: achieved FLOP/s over the device's dense bf16 peak
+
+PEAK_BF16_FLOPS = {  # dense (no 2:4 sparsity), from the vendors' data sheets
+    "H200": 989e12,
+    "H100 SXM": 989e12,   # the 989 TFLOP/s that Tanuki's ~25% MFU is measured against (TANUKI.md)
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,       # names without the form factor: assume SXM, the cluster part
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+}
+
+
+def peak_flops(device_name):
+    """Peak dense bf16 FLOP/s of a device name as torch.cuda.get_device_name() reports it, or None when unknown
+    (a CPU has no meaningful entry; MFU is then not reported rather than made up)."""
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # the most specific name first
+        if key.lower() in device_name.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_token, tokens_per_second_per_device, device_name):
+    peak = peak_flops(device_name)
+    return None if peak is None else flops_per_token * tokens_per_second_per_device / peak

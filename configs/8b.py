@@ -1,0 +1,30 @@
+# Tanuki-8B: a Llama-3-8B shape with a 65,536 vocab, untied embeddings: 7.52B parameters
+# (TANUKI.md "Models" and "From the team's released training scripts").
+#   torchrun --nnodes=16 --nproc_per_node=8 ... train.py configs/8b.py
+# model
+vocab_size = 65536       # 2**16: token ids fit uint16 shards
+d_model = 4096
+n_layer = 32
+n_head = 32
+n_kv_head = 8
+ffn_hidden = 14336
+max_seq_len = 4096       # 4k context
+rope_theta = 10000.0     # from scratch; 500k from the start was a suspect of the failed 38B run ("What failed")
+norm_eps = 1e-5
+tie_embeddings = False
+init_std = 0.008         # Tanuki's Megatron script
+# optimization
+learning_rate = 1.5e-4   # the LR stress test found spikes at 3e-4 and settled on 1.5e-4 ("Pretraining")
+min_lr = 1.5e-6          # decays 100x, as their public example's 1e-4 -> 1e-6
+warmup_iters = 1000      # their public example
+lr_schedule = "cosine"
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 0.8          # their Megatron script
+# batch: 1024 sequences of 4096 tokens = 4M tokens per step (the 8x8B log used 3072 x 4096; the dense run's
+# batch is not in the write-ups, 4M is the Llama-2/3 figure at this size)
+seq_len = 4096
+tokens_per_step = 1024 * 4096
+micro_batch_size = 1     # sequences per GPU per forward; the rest comes from gradient accumulation
+dtype = "bfloat16"       # bf16, no FP8: the failed 38B run used FP8 ("What failed")

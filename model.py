@@ -1,0 +1,293 @@
+"""
+The Tanuki model: a Llama-style decoder (TANUKI.md "Models").
+
+    token ids -> embedding -> n_layer x [RMSNorm -> grouped-query attention with RoPE -> +residual,
+                                         RMSNorm -> SwiGLU FFN -> +residual] -> RMSNorm -> lm_head -> logits
+
+One file, no framework: `ModelConfig` holds the shape, `Transformer` the weights. The same code builds the
+2-layer CPU model of configs/tiny.py and the Tanuki-8B of configs/8b.py (7.52B parameters). Weight names and
+conventions (RoPE on split halves, RMSNorm in float32, no biases) follow Hugging Face's Llama so that the
+export in serve.py is a renaming, not a conversion.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    # defaults are Tanuki-8B's shape, a Llama-3-8B with a 65,536 vocab (TANUKI.md "Models")
+    vocab_size: int = 65536      # fits uint16 token shards; TANUKI.md: 65k pieces, ours is 2**16
+    d_model: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 8           # grouped-query attention: 4 query heads share each K/V head
+    ffn_hidden: int = 14336      # SwiGLU hidden width (3.5 x d_model)
+    rope_theta: float = 10000.0  # 10k from scratch; 500k from the start was a suspect of the failed 38B run
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # Tanuki-8B: untied
+    init_std: float = 0.02        # GPT-2's; configs/8b.py sets Tanuki's Megatron value 0.008
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("RoPE rotates pairs of dimensions: the head dimension must be even")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32 even under bf16: the mean of squares loses too much in 8 bits of mantissa
+        # (the fused RMSNorm of kernels/ plugs in here, issue "kernels")
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta, device=None):
+    """cos and sin of every position x frequency pair: (max_len, head_dim // 2) each, in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2). Rotates the pair (x_i, x_{i + head_dim/2}),
+    # the "split halves" layout of GPT-NeoX and Hugging Face Llama (Meta's original pairs neighbours instead).
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for one batch being generated. `pos` positions are filled; `key_valid`
+    marks the real tokens of left-padded prompts (False on padding), so a batch can mix prompt lengths."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+
+    def attention_mask(self, T):
+        # (B, 1, T, pos + T): causal with the cache's offset, padding keys hidden. Each position always sees
+        # itself, so a query sitting on padding still has one key and its softmax stays finite (no NaN).
+        q_pos = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None]
+        k_pos = torch.arange(self.pos + T, device=self.k.device)[None, :]
+        return ((k_pos <= q_pos) & self.key_valid[:, None, None, : self.pos + T]) | (k_pos == q_pos)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            cache.k[layer, :, :, cache.pos : cache.pos + T] = k
+            cache.v[layer, :, :, cache.pos : cache.pos + T] = v
+            k, v = cache.k[layer, :, :, : cache.pos + T], cache.v[layer, :, :, : cache.pos + T]
+        # ---- the one place attention is computed: kernels/attention.py's flash kernel plugs in here on CUDA
+        # (issue "kernels"). enable_gqa lets each K/V head serve n_head / n_kv_head query heads without
+        # materializing repeated copies of K and V.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
+
+
+class SwiGLU(nn.Module):
+    # FFN(x) = W_down (silu(W_gate x) * W_up x)  (Shazeer 2020, "GLU Variants Improve Transformer"; Llama)
+    def __init__(self, cfg):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    # pre-norm: the residual stream itself is never normalized, which keeps deep stacks trainable
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # RoPE tables are derived, not learned: non-persistent buffers stay out of checkpoints
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialize every weight. Separate from __init__ so that a model built on the meta device and
+        sharded by FSDP can be materialized with `to_empty()` and then initialized in place (torchtitan's way)."""
+        cfg = self.cfg
+        self.init_rope()
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.wo.weight", "ffn.w_down.weight")):
+                # projections that write into the residual stream: std / sqrt(2 n_layer), so the stream's variance
+                # does not grow with depth (GPT-2 paper; Megatron's scaled_init_method_normal, which Tanuki used)
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    @torch.no_grad()
+    def init_rope(self):
+        """Recompute the RoPE tables in place (after `to_empty()`, which leaves buffers uninitialized)."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx, targets=None, loss_mask=None, cache=None):
+        """idx, targets: (B, T) token ids; targets == -1 are ignored. loss_mask: (B, T), 1 where the target
+        counts (SFT trains only on assistant tokens). Returns (logits, loss): logits (B, T, vocab), float32
+        when a loss is computed. With a KV cache only the last position's logits are computed (B, 1, vocab)."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        attn_mask = None if cache is None else cache.attention_mask(T)
+        x = self.embed(idx)  # (B, T, d_model)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, attn_mask)
+        x = self.norm(x)
+        if cache is not None:
+            cache.pos += T
+            return self.lm_head(x[:, -1:]), None
+        # ---- the chunked fused linear + cross-entropy of kernels/ plugs in here (issue "kernels"): at 8B and
+        # seq 4096 the float32 (B, T, 65536) logits are the largest activation of the whole model
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        logits = logits.float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="none")
+        weights = (targets.reshape(-1) != -1).float()
+        if loss_mask is not None:
+            weights = weights * loss_mask.reshape(-1).float()
+        # mean over the tokens that count; clamp so that a batch with nothing to learn gives 0, not NaN
+        return logits, (loss * weights).sum() / weights.sum().clamp(min=1)
+
+    def num_params(self, active=False):
+        """Total parameters, embeddings included (Tanuki-8B: 7.52B). `active` counts the parameters one token
+        uses, which differs from the total only for a Mixture of Experts (moe.py)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), for MFU: 6 per parameter that takes part in a matrix
+        multiply (not the input embedding, which is a lookup; the lm_head is counted), plus attention's
+        QK^T and AV: 12 * n_layer * d_model * seq_len. The attention term counts the full T x T matrix, the
+        convention of PaLM's appendix B and Megatron, even though causal attention needs only half of it."""
+        cfg = self.cfg
+        matmul_params = self.num_params(active=True) - (0 if cfg.tie_embeddings else self.embed.weight.numel())
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    @torch.no_grad()
+    def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+               seed=None, pad_id=0):
+        """Generate for a batch of prompts (lists of token ids, any lengths) with a KV cache.
+        Yields once per step a list with every row's new token id, or None for rows already finished. A row
+        finishes after it samples one of `stop_tokens` (which is yielded) or after max_new_tokens tokens.
+        temperature 0 is greedy; top_k keeps the k most likely tokens; top_p the smallest set whose probability
+        reaches p (nucleus sampling). `seed` makes sampling reproducible."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
+        device = self.embed.weight.device
+        B, longest = len(prompts), max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"({self.cfg.max_seq_len})")
+        # left-pad to one length: every row then writes the same cache slot at each step. RoPE depends only on
+        # relative positions, so a row's absolute shift by its padding changes nothing it computes.
+        cache = KVCache(self.cfg, B, longest + max_new_tokens, device, self.embed.weight.dtype)
+        idx = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
+        for row, p in enumerate(prompts):
+            idx[row, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            cache.key_valid[row, : longest - len(p)] = False
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx, cache=cache)
+            next_token = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
+            yield [None if done else tok for tok, done in zip(next_token.tolist(), finished.tolist())]
+            finished |= torch.isin(next_token, stop)
+            if finished.all():
+                return
+            idx = next_token[:, None]
+
+    def generate(self, prompts, max_new_tokens, stop_tokens=(), **sampling):
+        """Like `stream`, collected: one list of new token ids per prompt, the stop token excluded."""
+        out = [[] for _ in prompts]
+        for step in self.stream(prompts, max_new_tokens, stop_tokens=stop_tokens, **sampling):
+            for row, tok in enumerate(step):
+                if tok is not None and tok not in stop_tokens:
+                    out[row].append(tok)
+        return out
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):  # 0 means off, as in HF and vLLM
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the ones before it already reach top_p; the most likely token always stays
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
