@@ -166,7 +166,7 @@ def load_checkpoint(directory, device="cpu", dtype=None):
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True)
-    model.init_rope()  # derived buffers are not in the file
+    model.init_buffers()  # derived buffers are not in the file
     return model, enc, meta
 
 

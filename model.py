@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+from moe import ROUTER_MODES, MoE
+
 
 @dataclass
 class ModelConfig:
@@ -32,6 +35,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # Tanuki-8B: untied
     init_std: float = 0.02        # GPT-2's; configs/8b.py sets Tanuki's Megatron value 0.008
+    # Mixture of Experts (moe.py; upcycle.py fills these in): 0 experts is the dense model
+    n_experts: int = 0            # Tanuki-8x8B: 8 ...
+    moe_top_k: int = 2            # ... of which 2 per token: 47B total, 13B active
+    moe_layer_interval: int = 1   # every k-th layer's FFN is an MoE (1: all, as Tanuki-8x8B and Mixtral)
+    moe_router: str = "topk_softmax"  # routing mode, see moe.py
+    moe_aux_loss_coef: float = 0.01   # Switch Transformer's load-balancing loss weight (their alpha)
+    moe_z_loss_coef: float = 0.0      # ST-MoE's router z-loss; Tanuki trained without it
+    moe_capacity_factor: float = 0.0  # > 0: each expert takes at most this x its fair share, the rest is dropped
+    moe_bias_update_rate: float = 0.0  # > 0: DeepSeek-V3's auxiliary-loss-free balancing (their gamma 0.001)
 
     def __post_init__(self):
         if self.d_model % self.n_head:
@@ -40,6 +52,10 @@ class ModelConfig:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if (self.d_model // self.n_head) % 2:
             raise ValueError("RoPE rotates pairs of dimensions: the head dimension must be even")
+        if self.n_experts and not 0 < self.moe_top_k <= self.n_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.n_experts and self.moe_router not in ROUTER_MODES:
+            raise ValueError(f"unknown moe_router '{self.moe_router}': use one of {ROUTER_MODES}")
 
     @property
     def head_dim(self):
@@ -53,8 +69,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in float32 even under bf16: the mean of squares loses too much in 8 bits of mantissa
-        # (the fused RMSNorm of kernels/ plugs in here, issue "kernels")
+        # normalize in float32 even under bf16: the mean of squares loses too much in 8 bits of mantissa.
+        # On CUDA the fused kernel computes the same in one pass (kernels/rmsnorm.py)
+        if kernels.use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
 
 
@@ -111,11 +129,14 @@ class Attention(nn.Module):
             cache.k[layer, :, :, cache.pos : cache.pos + T] = k
             cache.v[layer, :, :, cache.pos : cache.pos + T] = v
             k, v = cache.k[layer, :, :, : cache.pos + T], cache.v[layer, :, :, : cache.pos + T]
-        # ---- the one place attention is computed: kernels/attention.py's flash kernel plugs in here on CUDA
-        # (issue "kernels"). enable_gqa lets each K/V head serve n_head / n_kv_head query heads without
-        # materializing repeated copies of K and V.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        # ---- the one place attention is computed. Training (causal, no mask) on CUDA: the flash kernel of
+        # kernels/attention.py. Elsewhere, and for generation's masks, SDPA; enable_gqa lets each K/V head serve
+        # n_head / n_kv_head query heads without materializing repeated copies of K and V (as the kernel does).
+        if attn_mask is None and kernels.use_triton(q):
+            y = kernels.flash_attention(q, k, v, causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -133,12 +154,13 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     # pre-norm: the residual stream itself is never normalized, which keeps deep stacks trainable
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg)
+        is_moe = cfg.n_experts > 0 and (layer + 1) % cfg.moe_layer_interval == 0
+        self.ffn = MoE(cfg) if is_moe else SwiGLU(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
@@ -150,7 +172,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -166,11 +188,14 @@ class Transformer(nn.Module):
         """(Re)initialize every weight. Separate from __init__ so that a model built on the meta device and
         sharded by FSDP can be materialized with `to_empty()` and then initialized in place (torchtitan's way)."""
         cfg = self.cfg
-        self.init_rope()
+        self.init_buffers()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.expert_bias.zero_()
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name.endswith(("attn.wo.weight", "ffn.w_down.weight")):
+            elif name.endswith(("attn.wo.weight", "ffn.w_down.weight", "ffn.w_down")):  # dense, or stacked experts
                 # projections that write into the residual stream: std / sqrt(2 n_layer), so the stream's variance
                 # does not grow with depth (GPT-2 paper; Megatron's scaled_init_method_normal, which Tanuki used)
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
@@ -178,16 +203,21 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
     @torch.no_grad()
-    def init_rope(self):
-        """Recompute the RoPE tables in place (after `to_empty()`, which leaves buffers uninitialized)."""
+    def init_buffers(self):
+        """Reset the buffers a checkpoint does not hold (after `to_empty()`, which leaves them uninitialized): the
+        RoPE tables and the MoE token counters. (The MoE selection bias is saved; fresh models zero it too.)"""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.tokens_per_expert.zero_()
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None):
         """idx, targets: (B, T) token ids; targets == -1 are ignored. loss_mask: (B, T), 1 where the target
         counts (SFT trains only on assistant tokens). Returns (logits, loss): logits (B, T, vocab), float32
-        when a loss is computed. With a KV cache only the last position's logits are computed (B, 1, vocab)."""
+        when a loss is computed. With a KV cache only the last position's logits are computed (B, 1, vocab).
+        When the fused loss kernel takes the loss (CUDA, kernels/), logits is None: call without targets for them."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg.max_seq_len:
@@ -201,24 +231,41 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
             return self.lm_head(x[:, -1:]), None
-        # ---- the chunked fused linear + cross-entropy of kernels/ plugs in here (issue "kernels"): at 8B and
-        # seq 4096 the float32 (B, T, 65536) logits are the largest activation of the whole model
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits, None
-        logits = logits.float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction="none")
-        weights = (targets.reshape(-1) != -1).float()
-        if loss_mask is not None:
-            weights = weights * loss_mask.reshape(-1).float()
-        # mean over the tokens that count; clamp so that a batch with nothing to learn gives 0, not NaN
-        return logits, (loss * weights).sum() / weights.sum().clamp(min=1)
+        # ---- at 8B and seq 4096 the float32 (B, T, 65536) logits are the largest activation of the whole model.
+        # On CUDA the loss is taken chunk by chunk without them (kernels/cross_entropy.py): no logits come back
+        if targets is not None and kernels.use_triton(x):
+            logits, loss = None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
+        else:
+            logits = self.lm_head(x)
+            if targets is None:
+                return logits, None
+            logits = logits.float()
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction="none")
+            weights = (targets.reshape(-1) != -1).float()
+            if loss_mask is not None:
+                weights = weights * loss_mask.reshape(-1).float()
+            # mean over the tokens that count; clamp so that a batch with nothing to learn gives 0, not NaN
+            loss = (loss * weights).sum() / weights.sum().clamp(min=1)
+        moe_layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+        if moe_layers and self.training:
+            # the routers' balance and z losses join the objective, averaged over layers so that the coefficients
+            # do not depend on depth (as Hugging Face's Mixtral). In eval mode the loss is the cross-entropy alone.
+            cfg = self.cfg
+            loss = loss + sum(cfg.moe_aux_loss_coef * m.aux_loss + cfg.moe_z_loss_coef * m.z_loss
+                              for m in moe_layers) / len(moe_layers)
+        return logits, loss
 
     def num_params(self, active=False):
         """Total parameters, embeddings included (Tanuki-8B: 7.52B). `active` counts the parameters one token
         uses, which differs from the total only for a Mixture of Experts (moe.py)."""
-        return sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())
+        if active:  # a token runs top_k of the n_experts experts of each MoE layer
+            for m in self.modules():
+                if isinstance(m, MoE):
+                    experts = m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()
+                    n -= experts * (m.n_experts - m.top_k) // m.n_experts
+        return n
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward), for MFU: 6 per parameter that takes part in a matrix

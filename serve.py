@@ -43,7 +43,7 @@ if __name__ == "__main__":
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # -----------------------------------------------------------------------------
-# export to Hugging Face Llama
+# export to Hugging Face: Llama for a dense model, Mixtral for a Mixture of Experts
 
 # Our weight name -> Hugging Face Llama's ({i}: the layer). A renaming only: model.py follows HF's conventions.
 # RoPE rotates split halves (x_i, x_{i + head_dim/2}) as HF's rotate_half does, so q and k need no permutation
@@ -63,15 +63,37 @@ LLAMA_NAMES = {
     "norm.weight":                  "model.norm.weight",
     "lm_head.weight":               "lm_head.weight",
 }
+# Mixtral's names for the MoE FFN ({e}: the expert): our stacked (E, out, in) weights become one matrix per expert,
+# the layout transformers (which fuses them on load) and vLLM read. w1 = gate, w3 = up, w2 = down.
+MIXTRAL_NAMES = {
+    "blocks.{i}.ffn.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blocks.{i}.ffn.w_gate":        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "blocks.{i}.ffn.w_down":        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    "blocks.{i}.ffn.w_up":          "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+}
 
 
-def hf_name(name):
-    """'blocks.3.attn.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight' (a KeyError for a weight the
-    table does not know: an export must not drop a tensor silently)"""
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        return LLAMA_NAMES["blocks.{i}." + ".".join(parts[2:])].format(i=parts[1])
-    return LLAMA_NAMES[name]
+def hf_tensors(model):
+    """Our weights under Hugging Face's names, as views (no copies). A KeyError for a weight the tables do not
+    know: an export must not drop a tensor silently."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        layer = parts[1] if parts[0] == "blocks" else None
+        key = f"blocks.{{i}}.{'.'.join(parts[2:])}" if layer is not None else name
+        if key.endswith("ffn.expert_bias"):
+            if t.any():
+                raise ValueError("this MoE routes with an auxiliary-loss-free selection bias, which Mixtral cannot "
+                                 "express: its exported router would pick other experts")
+            continue
+        if key in ("blocks.{i}.ffn.w_gate", "blocks.{i}.ffn.w_up", "blocks.{i}.ffn.w_down"):
+            for e in range(t.size(0)):
+                tensors[MIXTRAL_NAMES[key].format(i=layer, e=e)] = t[e]
+        else:
+            tensors[{**LLAMA_NAMES, **MIXTRAL_NAMES}[key].format(i=layer)] = t
+    if model.cfg.tie_embeddings:
+        del tensors["lm_head.weight"]  # HF re-ties it to embed_tokens from tie_word_embeddings
+    return tensors
 
 
 def write_safetensors(path, tensors, dtype=None):
@@ -94,14 +116,15 @@ def write_safetensors(path, tensors, dtype=None):
 
 
 def save_hf(model, enc, out_dir, dtype=None):
-    """Write `model` (a dense Transformer) and `enc` as a Hugging Face Llama checkpoint in out_dir: config.json,
+    """Write `model` and `enc` as a Hugging Face Llama (dense) or Mixtral (MoE) checkpoint in out_dir: config.json,
     model.safetensors, generation_config.json and the tokenizer. dtype None keeps the model's dtype."""
     cfg = model.cfg
+    if cfg.n_experts and (cfg.moe_router == "softmax_topk" or cfg.moe_layer_interval != 1 or cfg.moe_capacity_factor):
+        # Mixtral: every layer an MoE, dropless, gates = softmax over the top-k logits (= renormalized top-k)
+        raise ValueError(f"Mixtral cannot express this MoE (moe_router={cfg.moe_router}, moe_layer_interval="
+                         f"{cfg.moe_layer_interval}, moe_capacity_factor={cfg.moe_capacity_factor})")
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {hf_name(k): v for k, v in model.state_dict().items()}  # views of the weights, not copies
-    if cfg.tie_embeddings:
-        del tensors["lm_head.weight"]  # HF re-ties it to embed_tokens from tie_word_embeddings
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, dtype)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(model), dtype)
     bos, eos, pad, end = (special_id(enc, t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"))
     dtype_name = str(dtype or model.embed.weight.dtype).removeprefix("torch.")
     config = {
@@ -116,6 +139,10 @@ def save_hf(model, enc, out_dir, dtype=None):
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "use_cache": True,
         "dtype": dtype_name, "torch_dtype": dtype_name,  # transformers 5's name, and the one before it
     }
+    if cfg.n_experts:
+        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
+                       "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.moe_top_k,
+                       "router_aux_loss_coef": cfg.moe_aux_loss_coef, "output_router_logits": False})
     # a chat turn ends with <|end|>, a document with <|eos|>: generate() and vLLM stop at either, as serve.py does
     generation = {"bos_token_id": bos, "eos_token_id": [end, eos], "pad_token_id": pad}
     for filename, obj in [("config.json", config), ("generation_config.json", generation)]:

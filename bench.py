@@ -1,0 +1,161 @@
+"""
+Benchmarks. For now the kernels of kernels/ (issue 6); training throughput, memory and the time planner come later.
+
+    python bench.py --aot          compile every Triton kernel for H100 (sm_90, bf16, production block sizes) on any
+                                   machine, no GPU needed, and print registers, spills, shared memory and whether
+                                   the matrix products use wgmma; exits 1 if any kernel fails the check
+    python bench.py                on CUDA: each kernel against its PyTorch counterpart, median time, TFLOP/s and
+                                   the fraction of the device's bf16 peak. On a CPU it measures nothing and prints
+                                   the analytic FLOPs and bytes of each kernel call at the configured shape instead
+    python bench.py --batch_size=4 --seq_len=8192
+
+The shape defaults to one Tanuki-8B micro-batch (configs/8b.py: 4096 tokens, 32 heads of 128, 8 K/V heads,
+d_model 4096, vocab 65,536).
+"""
+
+import os
+import sys
+
+import torch
+
+import common
+
+# -----------------------------------------------------------------------------
+# defaults (override with --key=value)
+aot = False           # compile for H100 and report instead of timing
+batch_size = 1        # sequences per call
+seq_len = 4096
+n_head = 32
+n_kv_head = 8
+head_dim = 128
+d_model = 4096
+vocab_size = 65536
+dtype = "bfloat16"    # what the kernels run in on H100
+device = "auto"       # cuda if available
+warmup_ms = 100       # triton.testing.do_bench: milliseconds of warm-up, then of timed repeats
+rep_ms = 500
+config = common.load_config(globals())
+# -----------------------------------------------------------------------------
+
+# H100 SXM5 data sheet: HBM3 bandwidth, for the analytic memory floor (the bf16 peak is common.PEAK_BF16_FLOPS)
+H100_BYTES_PER_S = 3.35e12
+
+
+def aot_report():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--aot compiles real kernels: unset TRITON_INTERPRET")
+    from kernels import aot as kernels_aot
+    _, table, ok = kernels_aot.report()
+    print(table)
+    print("all kernels compile for sm_90 without spills, with wgmma where they multiply matrices" if ok
+          else "FAILED: see the rows marked FAIL")
+    return ok
+
+
+def kernel_costs():
+    """(name, FLOPs, bytes) of one call of each kernel at the configured shape: the arithmetic the call must do
+    and the fewest bytes it must move (each input read once, each output written once). Causal attention counts
+    the half of the score matrix it computes; its backward does 2.5x the forward's products (FlashAttention-2's
+    convention: dV, dP, dQ, dK and the recomputed S, against S and PV)."""
+    B, T, H, H_kv, D, C, V = batch_size, seq_len, n_head, n_kv_head, head_dim, d_model, vocab_size
+    e = torch.finfo(getattr(torch, dtype)).bits // 8
+    N = B * T
+    q_bytes, kv_bytes = N * H * D * e, N * H_kv * D * e
+    attn_fwd = 4 * B * H * T * T * D / 2
+    ce_flops = 6 * N * C * V  # logits, then their gradient times W (for dx) and times x (for dW)
+    return [
+        ("attention fwd (causal)", attn_fwd, 2 * q_bytes + 2 * kv_bytes + N * H * 4),
+        ("attention bwd (causal)", 2.5 * attn_fwd, 4 * q_bytes + 4 * kv_bytes + 2 * N * H * 4),
+        ("rmsnorm fwd", 4 * N * C, 2 * N * C * e + C * e),
+        ("rmsnorm bwd", 8 * N * C, 3 * N * C * e + 2 * C * e),
+        ("linear + cross-entropy fwd+bwd", ce_flops, 2 * N * C * e + 2 * V * C * e + N * 8),
+    ]
+
+
+def analytic_report():
+    print(f"no GPU: measured nothing. Analytic cost of one call at batch {batch_size} x {seq_len} tokens, "
+          f"{n_head} heads ({n_kv_head} K/V) of {head_dim}, d_model {d_model}, vocab {vocab_size}, {dtype}.")
+    print("The floors are what an H100 SXM could not beat at its data-sheet rates "
+          f"({common.PEAK_BF16_FLOPS['H100 SXM'] / 1e12:.0f} TFLOP/s bf16, {H100_BYTES_PER_S / 1e12:.2f} TB/s).")
+    print(f"{'kernel':34s} {'GFLOP':>10s} {'MB':>10s} {'FLOP/byte':>10s} {'floor us':>10s} {'bound':>8s}")
+    for name, flops, nbytes in kernel_costs():
+        t_compute = flops / common.PEAK_BF16_FLOPS["H100 SXM"]
+        t_memory = nbytes / H100_BYTES_PER_S
+        print(f"{name:34s} {flops / 1e9:10.2f} {nbytes / 1e6:10.2f} {flops / nbytes:10.1f} "
+              f"{max(t_compute, t_memory) * 1e6:10.1f} {'compute' if t_compute > t_memory else 'memory':>8s}")
+
+
+def gpu_report(dev):
+    """Each kernel and its PyTorch counterpart on the same inputs: median time (triton.testing.do_bench, device
+    events), TFLOP/s from the analytic FLOPs above, and the fraction of the device's bf16 peak."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    import kernels
+    from kernels import attention, cross_entropy, rmsnorm
+    dt = getattr(torch, dtype)
+    peak = common.peak_flops(torch.cuda.get_device_name(dev))
+    costs = {name: (flops, nbytes) for name, flops, nbytes in kernel_costs()}
+
+    def total(*names):  # (FLOPs, bytes) of several kernel calls
+        return tuple(sum(costs[n][i] for n in names) for i in (0, 1))
+
+    B, T, H, H_kv, D, C, V = batch_size, seq_len, n_head, n_kv_head, head_dim, d_model, vocab_size
+
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, device=dev, dtype=dt).requires_grad_(grad)
+
+    q, k, v = randn(B, H, T, D), randn(B, H_kv, T, D), randn(B, H_kv, T, D)
+    do = randn(B, H, T, D, grad=False)
+    x, w, dy = randn(B * T, C), (1 + 0.1 * randn(C, grad=False)).requires_grad_(), randn(B * T, C, grad=False)
+    lm_w = (randn(V, C, grad=False) * 0.02).requires_grad_()
+    targets = torch.randint(0, V, (B * T,), device=dev)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != H_kv)
+
+    def fwd_bwd(fn, args, grad):
+        def run():
+            out = fn(*args)
+            torch.autograd.grad(out, [a for a in args if a.requires_grad], grad)
+        return run
+
+    def loss_bwd(fn):
+        def run():
+            loss = fn(x, lm_w, targets)
+            torch.autograd.grad(loss, (x, lm_w))
+        return run
+
+    cases = [  # (kernel, ours, theirs, analytic (FLOPs, bytes))
+        ("attention fwd (causal)", lambda: kernels.flash_attention(q, k, v), lambda: sdpa(q, k, v),
+         total("attention fwd (causal)")),
+        ("attention fwd+bwd (causal)", fwd_bwd(kernels.flash_attention, (q, k, v), do), fwd_bwd(sdpa, (q, k, v), do),
+         total("attention fwd (causal)", "attention bwd (causal)")),
+        ("rmsnorm fwd+bwd", fwd_bwd(lambda x, w: rmsnorm.rms_norm(x, w, 1e-5), (x, w), dy),
+         fwd_bwd(lambda x, w: rmsnorm.reference(x, w, 1e-5), (x, w), dy), total("rmsnorm fwd", "rmsnorm bwd")),
+        ("linear + cross-entropy fwd+bwd", loss_bwd(cross_entropy.linear_cross_entropy),
+         loss_bwd(cross_entropy.reference), total("linear + cross-entropy fwd+bwd")),
+    ]
+    print(f"{torch.cuda.get_device_name(dev)}, {dtype}, batch {B} x {T} tokens, heads {H}/{H_kv} x {D}, "
+          f"d_model {C}, vocab {V}; median of do_bench")
+    # TFLOP/s and the fraction of the bf16 peak say how a matrix-bound kernel does; GB/s (the analytic fewest
+    # bytes over the time) how a memory-bound one does, against the device's bandwidth
+    print(f"{'kernel':32s} {'ours ms':>9s} {'torch ms':>9s} {'speed-up':>9s} {'TFLOP/s':>9s} {'of peak':>8s} "
+          f"{'GB/s':>8s}")
+    for name, ours, theirs, (flops, nbytes) in cases:
+        t_ours = do_bench(ours, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        t_theirs = do_bench(theirs, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        tflops = flops / (t_ours * 1e-3) / 1e12
+        of_peak = f"{tflops * 1e12 / peak:.0%}" if peak else "?"
+        print(f"{name:32s} {t_ours:9.3f} {t_theirs:9.3f} {t_theirs / t_ours:8.2f}x {tflops:9.1f} {of_peak:>8s} "
+              f"{nbytes / (t_ours * 1e-3) / 1e9:8.0f}")
+    print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+
+
+if aot:
+    sys.exit(0 if aot_report() else 1)
+dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+if dev.startswith("cuda"):
+    gpu_report(torch.device(dev))
+else:
+    analytic_report()

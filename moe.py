@@ -1,0 +1,173 @@
+"""
+The Mixture-of-Experts FFN of Tanuki-8x8B (TANUKI.md "Upcycling 8B to 8x8B"): 8 SwiGLU experts, each token sent
+to the top 2, their outputs summed with the router's gates. model.py uses `MoE` in place of `SwiGLU` when
+`n_experts > 0`.
+
+    x (N tokens, d) -> router (float32) -> top-k experts + gates per token
+      -> sort the N*k (token, expert) assignments by expert -> one SwiGLU per expert on its contiguous slice
+      -> weight by the gates and add back into token order
+
+Experts are stacked weights, w_gate/w_up (E, ffn_hidden, d) and w_down (E, d, ffn_hidden), laid out as nn.Linear's
+(out, in) so that expert e of an upcycled model is literally the dense FFN's matrices (upcycle.py), and so that a
+grouped matrix multiply can run all experts in one kernel (kernels/, issue "kernels").
+
+Routing modes (`moe_router`):
+  topk_softmax          softmax over the top-k logits only: the gates sum to 1 (Mixtral)
+  softmax_topk          softmax over all experts, then keep the top k: the gates sum to less than 1 (Switch, GShard)
+  softmax_topk_renorm   as softmax_topk, then the k gates divided by their sum: the combined expert outputs are
+                        normalized, which is what Tanuki did when combining experts. (Mathematically equal to
+                        topk_softmax; both exist because checkpoints and papers name them differently.)
+Load balancing: the Switch Transformer loss E * sum_i f_i * P_i (1.0 when balanced, the value Tanuki's balance
+loss stayed at), the ST-MoE router z-loss mean(logsumexp(logits)^2) (coefficient 0 by default: Tanuki dropped it
+because with the normalization it made the grad norm erratic), and optionally DeepSeek-V3's auxiliary-loss-free
+balancing: a per-expert bias added to the scores for selection only, nudged toward balance after each step.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTER_MODES = ("topk_softmax", "softmax_topk", "softmax_topk_renorm")
+
+
+def route(logits, top_k, mode, bias=None):
+    """logits (N, E) float32 -> (experts (N, k) ids, gates (N, k), probs (N, E) softmax over all experts).
+    `bias` (E,) shifts the scores that pick the experts, never the gates (auxiliary-loss-free balancing)."""
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"unknown moe_router '{mode}': use one of {ROUTER_MODES}")
+    probs = logits.softmax(dim=-1)
+    # softmax is monotonic, so picking on probs picks the same experts as on logits; the bias is added to probs
+    # because that is the scale DeepSeek-V3's update step is tuned for (affinity scores in [0, 1])
+    scores = probs if bias is None else probs + bias
+    experts = scores.topk(top_k, dim=-1).indices
+    if mode == "topk_softmax":
+        gates = logits.gather(-1, experts).softmax(dim=-1)
+    else:
+        gates = probs.gather(-1, experts)
+        if mode == "softmax_topk_renorm":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    return experts, gates, probs
+
+
+def balance_loss(probs, experts, n_experts):
+    """Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_i f_i * P_i with f_i the fraction of the N*k
+    assignments that went to expert i and P_i the mean router probability of expert i. 1.0 when uniform.
+    f is counted, not differentiable; the gradient reaches the router through P."""
+    f = torch.bincount(experts.reshape(-1), minlength=n_experts).float() / experts.numel()
+    return n_experts * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits):
+    """ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return logits.logsumexp(dim=-1).square().mean()
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    # one expert: the same SwiGLU as model.py's dense FFN, on weights stored as (out, in)
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def expert_loop(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """The reference: for each expert, the tokens that chose it, in token order (the first `capacity` of them if
+    set). Plain and slow; the sorted path below must equal it."""
+    y = torch.zeros_like(x)
+    for e in range(w_gate.size(0)):
+        token, slot = torch.where(experts == e)  # row-major: token order
+        if capacity is not None:
+            token, slot = token[:capacity], slot[:capacity]
+        out = swiglu(x[token], w_gate[e], w_up[e], w_down[e])
+        y.index_add_(0, token, out * gates[token, slot, None].to(x.dtype))
+    return y
+
+
+def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """Dropless (unless `capacity` is set) dispatch: sort the N*k assignments by expert so that each expert's
+    tokens are one contiguous slice, run each expert on its slice, and add the gated outputs back by token."""
+    N, k = experts.shape
+    E = w_gate.size(0)
+    flat = experts.reshape(-1)                              # (N*k,) expert of each assignment
+    order = torch.argsort(flat, stable=True)                # grouped by expert, token order kept inside a group
+    counts = torch.bincount(flat, minlength=E)              # (E,) tokens per expert
+    if capacity is not None:
+        # rank of each sorted assignment inside its expert's group; beyond capacity it is dropped
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(N * k, device=x.device) - starts[flat[order]]
+        order = order[rank < capacity]
+        counts = counts.clamp(max=capacity)
+    token = order // k                                      # which token each sorted assignment belongs to
+    # ---- kernels/moe.py plugs in here on CUDA (issue "kernels"): the permutation (gather of x in expert order
+    # and its inverse) and a grouped GEMM over the variable-size expert slices, without padding every expert
+    # to the largest. The loop below is its reference: E small matmuls on contiguous slices.
+    xs = x[token]                                           # (assignments kept, d) in expert order
+    outs = [swiglu(chunk, w_gate[e], w_up[e], w_down[e])
+            for e, chunk in enumerate(torch.split(xs, counts.tolist()))]
+    out = torch.cat(outs) * gates.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_experts, cfg.d_model, cfg.ffn_hidden
+        self.n_experts, self.top_k = E, cfg.moe_top_k
+        self.mode, self.capacity_factor = cfg.moe_router, cfg.moe_capacity_factor
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        self.w_up = nn.Parameter(torch.empty(E, f, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, f))
+        # auxiliary-loss-free balancing (DeepSeek-V3): a selection bias that is state, not a learned weight; it is
+        # saved with the model so a resumed or exported run routes as the trained one did
+        self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)  # since the last bias update
+        self.use_bias = cfg.moe_bias_update_rate > 0
+        self.dispatch = expert_sorted
+        self.aux_loss = self.z_loss = None
+        self.stats = {}
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                   # (N, d)
+        logits = F.linear(x.float(), self.router.weight.float())       # (N, E) the router runs in float32
+        experts, gates, probs = route(logits, self.top_k, self.mode, self.expert_bias if self.use_bias else None)
+        capacity = None
+        if self.capacity_factor > 0:  # GShard/Switch: each expert takes at most cf * its fair share of N*k
+            capacity = math.ceil(self.capacity_factor * x.size(0) * self.top_k / self.n_experts)
+        y = self.dispatch(x, experts, gates, self.w_gate, self.w_up, self.w_down, capacity)
+        self.aux_loss = balance_loss(probs, experts, self.n_experts)
+        self.z_loss = router_z_loss(logits)
+        with torch.no_grad():  # kept as tensors: turning them into numbers here would sync the GPU every layer
+            counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts).float()
+            if self.training:
+                self.tokens_per_expert += counts
+            load = counts / experts.numel()
+            kept = counts.sum() if capacity is None else counts.clamp(max=capacity).sum()
+            self.stats = {
+                "aux_loss": self.aux_loss.detach(), "z_loss": self.z_loss.detach(), "expert_load": load,
+                "load_max": load.max(), "load_min": load.min(),
+                # mean entropy of the router's distribution: log(E) = undecided, 0 = one expert per token
+                "router_entropy": -(probs * probs.clamp(min=1e-20).log()).sum(-1).mean(),
+                "dropped": experts.numel() - kept,
+            }
+        return y.reshape(shape)
+
+
+@torch.no_grad()
+def update_expert_bias(model, rate):
+    """DeepSeek-V3's auxiliary-loss-free balancing, called once per optimizer step: raise the selection bias of
+    experts that got fewer than their share of tokens since the last call, lower the others', by `rate`
+    (their gamma = 0.001). Counts are summed over data-parallel ranks so every rank keeps the same bias."""
+    for layer in (m for m in model.modules() if isinstance(m, MoE)):
+        counts = layer.tokens_per_expert
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        layer.expert_bias += rate * torch.sign(counts.mean() - counts)
+        counts.zero_()
+
+
+def moe_stats(model):
+    """Routing statistics of the last forward, for the training log: {layer index: {name: number or list}}."""
+    return {i: {k: v.tolist() for k, v in block.ffn.stats.items()}
+            for i, block in enumerate(model.blocks) if isinstance(block.ffn, MoE) and block.ffn.stats}

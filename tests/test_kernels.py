@@ -1,0 +1,205 @@
+"""Claims about kernels/: each Triton kernel computes the same function as its PyTorch reference (values and
+gradients), checked in Triton's interpreter on the CPU in float32 and float16; and each compiles for H100 in bf16 at
+its production configuration with no spills, using wgmma where it multiplies matrices (DESIGN.md "Running without
+a GPU"). The interpreter multiplies bf16 bit patterns, so bf16 is checked only by the compile.
+
+TRITON_INTERPRET=1 must be set before the kernels are decorated; it is set here, for this whole pytest process, and
+the kernel modules are reloaded in case a test collected earlier imported them without it. It only changes how
+Triton kernels run, and the other test files use PyTorch on the CPU (kernels.use_triton is False there)."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import attention, cross_entropy, rmsnorm  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+for _module in (attention, rmsnorm, cross_entropy):
+    importlib.reload(_module)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fp32: the interpreter multiplies in float32, as the kernels do on H100 for float32 inputs (IEEE, no tf32).
+# fp16: inputs, outputs and the probabilities fed to the second product round to 11 bits of mantissa.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3}
+
+
+def max_rel_err(ours, ref):
+    """max |ours - ref| / max |ref|: the error against the scale of the result, never NaN-tolerant."""
+    ours, ref = ours.double(), ref.double()
+    assert torch.isfinite(ours).all()
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def check_against_float64(fn, ours_fn, inputs, grad_out, dtype):
+    """Run the kernel on `inputs` and the reference on float64 copies; compare outputs and input gradients."""
+    out = ours_fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = fn(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+    assert out.dtype == dtype
+    assert max_rel_err(out, ref) <= TOLERANCE[dtype]
+    for name, g, r in zip("abcdefgh", grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert max_rel_err(g, r) <= TOLERANCE[dtype], f"gradient of input {name}"
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("group", [1, 4, 8])  # query heads per K/V head
+def test_flash_attention_matches_reference(dtype, causal, group):
+    torch.manual_seed(group)
+    # 45 tokens: one full block of 32 and a masked tail, for queries and keys alike; batch 2, head dim 32
+    B, H_kv, T, D = 2, 1 if group == 8 else 2, 45, 32
+    # q is a transposed view, as model.py passes it: the kernel reads through strides
+    q = torch.randn(B, T, H_kv * group, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, H_kv, T, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H_kv, T, D, dtype=dtype, requires_grad=True)
+    do = torch.randn(B, H_kv * group, T, D, dtype=dtype)
+    check_against_float64(lambda q, k, v: attention.reference(q, k, v, causal),
+                          lambda q, k, v: attention.flash_attention(q, k, v, causal), (q, k, v), do, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_attention_production_head_dims(head_dim):
+    torch.manual_seed(head_dim)
+    B, H, H_kv, T = 1, 4, 1, 33
+    q = torch.randn(B, H, T, head_dim, requires_grad=True)
+    k = torch.randn(B, H_kv, T, head_dim, requires_grad=True)
+    v = torch.randn(B, H_kv, T, head_dim, requires_grad=True)
+    do = torch.randn(B, H, T, head_dim)
+    check_against_float64(attention.reference, attention.flash_attention, (q, k, v), do, torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm and the fused loss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rmsnorm_matches_reference(dtype):
+    torch.manual_seed(0)
+    # 21 rows (not a multiple of the backward's rows per program) of 48 (not a power of two: masked lanes)
+    x = torch.randn(3, 7, 48, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(48, dtype=dtype)).requires_grad_()
+    dy = torch.randn(3, 7, 48, dtype=dtype)
+    check_against_float64(lambda x, w: rmsnorm.reference(x, w, 1e-5), lambda x, w: rmsnorm.rms_norm(x, w, 1e-5),
+                          (x, w), dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_cross_entropy_matches_reference(dtype):
+    """Tanuki's vocab of 65,536, 37 tokens in chunks of 16 (the last chunk is short), ignored targets and a loss
+    mask, as model.py's forward passes them."""
+    torch.manual_seed(0)
+    N, C, V = 37, 16, 65536
+    x = torch.randn(N, C, dtype=dtype, requires_grad=True)
+    w = (0.5 * torch.randn(V, C)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    targets[[3, 10, 36]] = -1
+    mask = (torch.rand(N) > 0.3).float()
+    loss = cross_entropy.linear_cross_entropy(x, w, targets, mask, chunk=16)
+    grads = torch.autograd.grad(2 * loss, (x, w))  # a non-unit incoming gradient scales the saved ones
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = cross_entropy.reference(x64, w64, targets, mask)
+    ref_grads = torch.autograd.grad(2 * ref, (x64, w64))
+    assert max_rel_err(loss, ref) <= TOLERANCE[dtype]
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype and max_rel_err(g, r) <= TOLERANCE[dtype]
+    with torch.no_grad():  # the forward alone skips the gradients and gives the same loss
+        assert cross_entropy.linear_cross_entropy(x, w, targets, mask, chunk=16).item() == loss.item()
+    nothing = torch.full((N,), -1)  # a batch with nothing to learn gives 0, not NaN
+    assert cross_entropy.linear_cross_entropy(x, w, nothing, chunk=16).item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# dispatch and model.py
+
+def test_dispatch(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("NANOTANUKI_KERNELS", raising=False)
+    assert not kernels.use_triton(cpu)  # the default on a CPU is PyTorch
+    monkeypatch.setenv("NANOTANUKI_KERNELS", "triton")
+    assert kernels.use_triton(cpu)  # allowed here because TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.use_triton(cpu)
+    monkeypatch.setenv("NANOTANUKI_KERNELS", "torch")
+    assert not kernels.use_triton(cpu)
+    monkeypatch.setenv("NANOTANUKI_KERNELS", "cuda")
+    with pytest.raises(ValueError):
+        kernels.use_triton(cpu)
+
+
+def test_model_with_kernels_equals_model_with_torch(monkeypatch):
+    """The whole model through the kernels (attention, both RMSNorms, the fused loss) gives model.py's loss and
+    gradients; on that path it returns no logits, and without targets it still does."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layer=2, n_head=4, n_kv_head=1, ffn_hidden=96, max_seq_len=64)
+    model = Transformer(cfg)
+    idx, targets = torch.randint(0, 97, (2, 21)), torch.randint(0, 97, (2, 21))
+    targets[0, :4] = -1
+    mask = (torch.rand(2, 21) > 0.2).float()
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("NANOTANUKI_KERNELS", backend)
+        model.zero_grad()
+        logits, loss = model(idx, targets, loss_mask=mask)
+        loss.backward()
+        results[backend] = logits, loss.detach(), [p.grad.clone() for p in model.parameters()]
+        assert (logits is None) == (backend == "triton")
+        assert model(idx)[0].shape == (2, 21, 97)
+    (_, loss_torch, grads_torch), (_, loss_triton, grads_triton) = results["torch"], results["triton"]
+    assert max_rel_err(loss_triton, loss_torch) <= 1e-5
+    for g, r in zip(grads_triton, grads_torch):
+        assert max_rel_err(g, r) <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# ahead-of-time compile for H100, and the CPU half of the benchmark
+
+def run_bench(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOTANUKI_KERNELS")}
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_every_kernel_compiles_for_h100_without_spills_and_with_wgmma():
+    # a fresh process: the real compiler needs kernels decorated without TRITON_INTERPRET
+    result = run_bench("--aot")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = {row.split("|")[1].strip() for row in rows}
+    assert names == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_delta",
+                     "rmsnorm_fwd", "rmsnorm_bwd", "cross_entropy_rows"}
+    multiply_matrices = {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
+    for row in rows:
+        name, _, registers, spill_bytes, _, wgmma = [c.strip() for c in row.split("|")[1:-1]]
+        assert int(registers) <= 255 and spill_bytes == "0", row
+        assert wgmma == "yes" if name in multiply_matrices else wgmma.startswith("n/a"), row
+
+
+def test_aot_check_fails_spills_shared_memory_and_matmuls_without_wgmma():
+    from kernels.aot import SMEM_LIMIT, problems
+    good = {"error": None, "spill_bytes": 0, "shared_bytes": 1024, "matmul": True, "wgmma": True}
+    assert problems(good) == []
+    assert problems({**good, "spill_bytes": 8})
+    assert problems({**good, "shared_bytes": SMEM_LIMIT + 1})
+    assert problems({**good, "wgmma": False})
+    assert problems({**good, "matmul": False, "wgmma": False}) == []
+    assert problems({**good, "error": "CompilationError: ..."})
+
+
+def test_bench_on_cpu_measures_nothing_and_says_so():
+    result = run_bench("--seq_len=1024")
+    assert result.returncode == 0, result.stderr
+    assert "measured nothing" in result.stdout
+    assert "attention fwd (causal)" in result.stdout and "linear + cross-entropy" in result.stdout

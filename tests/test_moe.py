@@ -1,0 +1,129 @@
+"""Claims about moe.py: the balance and z losses are what the papers define, the sorted dispatch equals the
+loop over experts (gradients, empty experts and capacity included), and the routing modes do what they say."""
+
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe import (MoE, balance_loss, expert_loop, expert_sorted, route, router_z_loss,  # noqa: E402
+                 update_expert_bias)
+
+
+def layer_config(**overrides):
+    return SimpleNamespace(**{**dict(d_model=16, ffn_hidden=24, n_experts=4, moe_top_k=2, moe_router="topk_softmax",
+                                     moe_capacity_factor=0.0, moe_bias_update_rate=0.0), **overrides})
+
+
+def make_layer(**overrides):
+    torch.manual_seed(0)
+    layer = MoE(layer_config(**overrides))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def test_balance_loss_by_hand_and_uniform_is_one():
+    # 4 tokens, 2 experts each, E = 4: assignments 0,1 | 0,2 | 0,1 | 3,1 -> f = [3, 3, 1, 1] / 8
+    experts = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 1]])
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1], [0.3, 0.3, 0.2, 0.2], [0.1, 0.3, 0.2, 0.4]])
+    f = torch.tensor([3, 3, 1, 1]) / 8
+    P = probs.mean(0)
+    assert balance_loss(probs, experts, 4).item() == pytest.approx(4 * (f * P).sum().item())
+    uniform_probs = torch.full((8, 4), 0.25)
+    uniform_experts = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert balance_loss(uniform_probs, uniform_experts, 4).item() == pytest.approx(1.0)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    expected = (math.log(math.e + math.e ** 2 + math.e ** 3) ** 2 + math.log(3) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_losses_reach_the_router():
+    layer = make_layer()
+    layer(torch.randn(2, 5, 16))
+    for loss in (layer.aux_loss, layer.z_loss):
+        layer.zero_grad()
+        loss.backward(retain_graph=True)
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_sorted_dispatch_equals_loop_with_empty_experts(capacity):
+    torch.manual_seed(0)
+    E, d, f, N = 6, 16, 24, 11
+    x = torch.randn(N, d, requires_grad=True)
+    w = [torch.randn(E, f, d, requires_grad=True), torch.randn(E, f, d, requires_grad=True),
+         torch.randn(E, d, f, requires_grad=True)]
+    experts = torch.randint(0, 3, (N, 2))  # experts 3, 4, 5 get no token at all
+    experts[:, 1] = (experts[:, 0] + 1) % 3
+    experts[0] = torch.tensor([5, 0])      # ... except expert 5, which gets exactly one
+    gates = torch.rand(N, 2, requires_grad=True)
+    outputs, grads = [], []
+    for dispatch in (expert_loop, expert_sorted):
+        y = dispatch(x, experts, gates, *w, capacity=capacity)
+        (y * torch.linspace(-1, 1, d)).sum().backward()
+        outputs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, gates, *w)])
+        for t in (x, gates, *w):
+            t.grad = None
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert grads[1][2][3:5].abs().sum() == 0  # experts without tokens get no gradient
+
+
+def test_capacity_drops_and_counts():
+    layer = make_layer(moe_capacity_factor=0.5)
+    x = torch.randn(1, 16, 16)
+    layer(x)
+    capacity = math.ceil(0.5 * 16 * 2 / 4)  # 4 slots per expert for 32 assignments: at least 16 dropped
+    assert layer.stats["dropped"].item() >= 32 - 4 * capacity
+    dropless = make_layer()
+    dropless(x)
+    assert dropless.stats["dropped"].item() == 0
+
+
+def test_routing_modes():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 8)
+    experts, gates, probs = route(logits, 2, "topk_softmax")
+    assert torch.allclose(gates.sum(-1), torch.ones(7))
+    assert torch.equal(experts, logits.topk(2, dim=-1).indices)
+    _, gates_sub, _ = route(logits, 2, "softmax_topk")
+    assert torch.all(gates_sub.sum(-1) < 1) and torch.allclose(gates_sub, probs.gather(-1, experts))
+    _, gates_renorm, _ = route(logits, 2, "softmax_topk_renorm")
+    assert torch.allclose(gates_renorm, gates, atol=1e-6)  # renormalized softmax == softmax over the top k
+    with pytest.raises(ValueError, match="moe_router"):
+        route(logits, 2, "sigmoid")
+
+
+def test_bias_changes_selection_not_gates():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    experts, gates, probs = route(logits, 2, "softmax_topk", bias=bias)
+    assert experts.tolist() == [[3, 0]]
+    assert torch.allclose(gates, probs[:, [3, 0]])  # gates from the unbiased probabilities
+
+
+def test_bias_update_moves_toward_balance():
+    layer = make_layer(moe_bias_update_rate=0.01)
+    model = torch.nn.Module()
+    model.layer = layer
+    layer.train()
+    with torch.no_grad():  # a router that sends everything to experts 0 and 1
+        layer.router.weight.zero_()
+        layer.router.weight[0] += 1.0
+        layer.router.weight[1] += 0.5
+    x = torch.ones(1, 32, 16)
+    layer(x)
+    assert layer.stats["load_max"].item() == pytest.approx(0.5)
+    update_expert_bias(model, rate=0.01)
+    assert torch.allclose(layer.expert_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
+    assert layer.tokens_per_expert.sum() == 0

@@ -1,0 +1,539 @@
+"""
+Text cleaning, quality filters and MinHash dedup: the functions prepare_data.py runs per document, kept apart
+because synth.py filters generated text with the same code (DESIGN.md, "Layout").
+
+    normalize(text)                               # NFKC, control characters out, ．，-> 。、 (Swallow)
+    clean_lines(text, repeated=None)              # -> (text, lines dropped): boilerplate, ads, navigation
+    line_hashes(text)                             # per-document unique line hashes, for cross-document counts
+    detect_language(text)                         # "ja" / "en" / "code" / "other" from script statistics
+    quality_signals(text, lang) / filter_reason(signals, lang, thresholds)   # a reason string, or None
+    units(text) / ngram_hashes(unit_hashes, n)    # CJK characters and words as units; rolling n-gram hashes
+    exact_hash(text) / shingles(text)             # exact dedup key; the n-gram set MinHash works on
+    minhash(shingle_sets) / lsh_band_hashes(sigs) / duplicate_clusters(bands)   # fuzzy dedup: one per cluster
+    union_find(n, a, b)                           # connected components over numpy edge arrays
+    ngram_index(texts) / contaminated_spans(text, index) / cut_spans   # decontamination
+    hashed_features(texts) / kmeans(X, k) / assign(X, centroids)        # cheap categories for balance
+    terms_cooccur / knowledge_frequency(texts, terms, window)   # Tanuki's probe: documents and distinct copies
+Every function is deterministic: no Python hash() (salted per process), numpy generators with explicit seeds.
+"""
+
+import hashlib
+import re
+import unicodedata
+import zlib
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# data: boilerplate and ad phrases (a line holding one, and short enough to be chrome rather than prose, goes)
+
+BOILERPLATE_JA = [
+    "送料無料", "お問い合わせ", "お問合せ", "会員登録", "ログインしてください", "利用規約", "プライバシーポリシー",
+    "無断転載", "無断複製", "ページの先頭へ", "ページトップへ", "トップへ戻る", "カートに入れる", "今すぐ購入",
+    "ご購入はこちら", "詳しくはこちら", "こちらをクリック", "クリックしてください", "人気記事", "関連記事",
+    "この記事をシェア", "ツイートする", "ブックマークする", "ポイント還元", "期間限定", "メールマガジン",
+    "メルマガ登録", "次のページへ", "前のページへ", "サイトマップ", "広告を非表示", "スポンサーリンク",
+    "アフィリエイト", "在庫あり", "税込", "レビューを書く", "もっと見る", "続きを読む", "コメントする",
+]
+BOILERPLATE_EN = [
+    "all rights reserved", "we use cookies", "this site uses cookies", "cookie policy", "accept cookies",
+    "privacy policy", "terms of use", "terms of service", "sign up for", "subscribe to our", "newsletter",
+    "click here", "read more", "share this", "follow us", "back to top", "skip to content", "add to cart",
+    "free shipping", "enable javascript", "javascript is disabled", "powered by wordpress", "leave a comment",
+    "posted by", "related posts", "you may also like", "buy now", "limited time offer",
+]
+BOILERPLATE = [p.lower() for p in BOILERPLATE_JA + BOILERPLATE_EN]
+
+# Thresholds, each from a public pipeline (TANUKI.md, "Reference thresholds"); prepare_data.py's `thresholds`
+# setting overrides any of them by name.
+THRESHOLDS = {
+    "max_chars": 1_000_000,            # longer documents are dumps or logs, not prose
+    "boilerplate_max_line_chars": 150,  # a phrase in a longer line is prose that mentions it, not chrome
+    # English (Gopher, Rae et al. 2021, App. A): 50-100,000 words, mean word length 3-10, symbol/word <= 0.1,
+    # <= 90% bullet lines, <= 30% lines ending in an ellipsis, >= 80% words with a letter, >= 2 stop words
+    "min_words": 50, "max_words": 100_000, "min_mean_word_len": 3.0, "max_mean_word_len": 10.0,
+    "max_symbol_word_ratio": 0.1, "max_bullet_lines": 0.9, "max_ellipsis_lines": 0.3, "min_alpha_words": 0.8,
+    "min_stop_words": 2,
+    # FineWeb quality filter: >= 12% of lines end in punctuation, <= 67% of lines under 30 characters
+    # (FineWeb-2 Japanese: line punctuation 0.096)
+    "min_line_punct": 0.12, "min_line_punct_ja": 0.096, "max_short_lines": 0.67,
+    # Gopher repetition (all languages but code): duplicate lines/paragraphs by count and by characters,
+    # share of characters in the top 2/3/4-gram, and covered by repeated 5..10-grams
+    "max_dup_line_frac": 0.30, "max_dup_line_chars": 0.20, "max_dup_para_frac": 0.30, "max_dup_para_chars": 0.20,
+    "max_top_ngram_chars": {2: 0.20, 3: 0.18, 4: 0.16},
+    "max_dup_ngram_chars": {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+    # Japanese has no spaces: the n-grams above are over characters there, and a Japanese word is about two
+    # characters (our rough figure for MeCab morphemes), so n is doubled rather than compare 5 characters to 5 words
+    "cjk_ngram_scale": 2,
+    # Japanese (Swallow corpus, Okazaki et al. 2024): >= 400 characters, hiragana >= 0.2, katakana <= 0.5,
+    # Japanese letters >= 0.5, mean sentence length 20-90, no sentence over 200, <= 20% sentences ending in ・ or …
+    "min_chars_ja": 400, "min_hiragana": 0.2, "max_katakana": 0.5, "min_japanese": 0.5,
+    "min_mean_sentence": 20.0, "max_mean_sentence": 90.0, "max_sentence": 200, "max_ellipsis_sentences": 0.2,
+    # llm-jp-corpus v1: zlib compressed/raw size within 0.30-0.70 (below: repetitive; above: random)
+    "min_compression": 0.30, "max_compression": 0.70,
+    # code (StarCoder data filters, Li et al. 2023): mean line <= 100, longest line <= 1000, >= 25% alphanumeric
+    "min_chars_code": 100, "max_mean_line_code": 100.0, "max_line_code": 1000, "min_alnum_code": 0.25,
+}
+
+STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher's list
+_EN_COMMON = STOP_WORDS | {"a", "an", "is", "are", "was", "in", "on", "for", "it", "this", "as", "by", "or", "not"}
+_CJK = [(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F)]  # kana, kanji
+_NON_WORD = re.compile(r"\W")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff]")
+_NAV_SEP = re.compile(r"\s[|>»›/•·]\s|[｜＞»›]")
+_SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
+_CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|for .*:$|while .*:$|else:|try:|"
+                        r"except\b|#|//|/\*|public |private |function\b|var |let |const |[])}{]+[;,]?$|.*[;{]$|"
+                        r"@\w+|>>> |[\w.\[\]]+ *[-+*/|]?= *\S|[\w.]+\(.*\)$)")
+
+
+# -----------------------------------------------------------------------------
+# normalization and line cleaning
+
+def normalize(text):
+    """NFKC (full-width ASCII to ASCII, half-width katakana to full width), Swallow's ．，-> 。、 first (NFKC would
+    turn them into ASCII . and ,), \\r\\n -> \\n, control and zero-width characters out, trailing spaces trimmed."""
+    text = text.replace("．", "。").replace("，", "、").replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFKC", text)
+    text = _CONTROL.sub("", text)
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def _line_hash(line):
+    return int.from_bytes(hashlib.blake2b(line.strip().encode(), digest_size=8).digest(), "little")
+
+
+def line_hashes(text):
+    """The unique 64-bit hashes of a document's non-empty lines, sorted (for counting lines across documents)."""
+    return np.unique(np.array([_line_hash(line) for line in text.split("\n") if line.strip()], dtype=np.uint64))
+
+
+def is_navigation(line):
+    """A menu or breadcrumb: items joined by | > » / etc., short on average, no sentence punctuation at the end."""
+    parts = _NAV_SEP.split(line)
+    return len(parts) >= 3 and len(line) / len(parts) < 20 and not line.rstrip().endswith(("。", ".", "!", "?"))
+
+
+def clean_lines(text, repeated=None, max_line_chars=THRESHOLDS["boilerplate_max_line_chars"]):
+    """Drop boilerplate/ad lines (phrase lists above), navigation lines, and lines for which repeated(hash) is true
+    (seen in many documents of the same source). Returns (text, number of lines dropped)."""
+    kept, dropped = [], 0
+    for line in text.split("\n"):
+        s = line.strip()
+        low = s.lower()
+        if s and ((len(s) <= max_line_chars and any(p in low for p in BOILERPLATE)) or is_navigation(s)
+                  or (repeated is not None and repeated(_line_hash(s)))):
+            dropped += 1
+            continue
+        kept.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n"), dropped
+
+
+# -----------------------------------------------------------------------------
+# language identification from script statistics (no model): ja / en / code / other
+
+_SCRIPTS = {"hiragana": re.compile("[\u3041-\u309f]"), "katakana": re.compile("[\u30a0-\u30ff]"),
+            "kanji": re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"), "latin": re.compile("[A-Za-z]"),
+            "letters": re.compile(r"[^\W\d_]"), "alnum": re.compile(r"[^\W_]")}
+
+
+def script_counts(text):
+    """Characters per script class. Counted as the length removed by re.sub, which runs in C: a loop over
+    the characters in Python would dominate the filter's time on a large file."""
+    return {name: len(text) - len(pattern.sub("", text)) for name, pattern in _SCRIPTS.items()}
+
+
+def detect_language(text):
+    """code when at least 40% of non-empty lines look like code (keywords, comments, braces, semicolons,
+    assignments, calls, decorators);
+    ja when kana + kanji are at least 30% of the letters and kana is present (Chinese has no kana);
+    en when Latin letters are at least 70% of the letters and common English words at least 8% of the words
+    (25-30% in English prose; Spanish or German reach 8% only through a, in, on)."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines and sum(bool(_CODE_LINE.match(line)) for line in lines) >= 0.4 * len(lines):
+        return "code"
+    c = script_counts(text)
+    letters = max(1, c["letters"])
+    if (c["hiragana"] + c["katakana"] + c["kanji"]) >= 0.3 * letters and c["hiragana"] + c["katakana"] > 0:
+        return "ja"
+    words = re.findall(r"[a-z']+", text.lower())
+    if c["latin"] >= 0.7 * letters and words and sum(w in _EN_COMMON for w in words) >= 0.08 * len(words):
+        return "en"
+    return "other"
+
+
+# -----------------------------------------------------------------------------
+# units and n-gram hashes: a unit is one CJK character or one run of other word characters, so Japanese gets
+# character n-grams (Swallow) and English word n-grams (FineWeb) from the same code
+
+_P = np.uint64(1_000_003)                   # the polynomial hashes' base: odd, so invertible mod 2^64
+_P_INV = np.uint64(pow(1_000_003, -1, 2**64))
+
+
+def _mix64(x):
+    # splitmix64's finalizer: spreads the bits of a polynomial hash so that every output bit depends on all inputs
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def units(text):
+    """(hashes, lengths, spans) of the text's units: a uint64 hash per unit (ASCII case folded), its length in
+    characters and its (start, end) offsets (for cutting contaminated spans out). Vectorized over the code points:
+    one C-level re.sub marks the word characters, numpy finds the units and hashes each as the polynomial
+    sum(c_i * P^(end-1-i)), computed for all units at once from one prefix sum (P is odd, so it has an inverse
+    mod 2^64). A Python loop over the units cost 3-5x more (measured on ja_sample.txt and the stdlib)."""
+    n = len(text)
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
+    word = np.frombuffer(_NON_WORD.sub("\0", text).encode("utf-32-le", "surrogatepass"), np.uint32) != 0
+    cjk = word & np.logical_or.reduce([(cp >= lo) & (cp <= hi) for lo, hi in _CJK])
+    run = word & ~cjk  # letters, digits and _ outside CJK: runs of them are words
+    starts = np.nonzero(cjk | (run & ~np.concatenate([[False], run[:-1]])))[0]
+    ends = np.nonzero(cjk | (run & ~np.concatenate([run[1:], [False]])))[0] + 1
+    cp = np.where((cp >= 65) & (cp <= 90), cp + np.uint64(32), cp)  # A-Z -> a-z, lengths unchanged
+    p_pow = np.multiply.accumulate(np.full(n, _P, np.uint64))        # P^(i+1), wrapping mod 2^64
+    prefix = np.concatenate([[np.uint64(0)], np.cumsum(cp * np.multiply.accumulate(np.full(n, _P_INV, np.uint64)))])
+    hashes = _mix64((prefix[ends] - prefix[starts]) * p_pow[ends - 1])
+    return hashes, ends - starts, np.stack([starts, ends], axis=1)
+
+
+def ngram_hashes(unit_hashes, n):
+    """64-bit hashes of every window of n consecutive units (all of them when the text is shorter than n)."""
+    n = min(n, len(unit_hashes))
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    m = len(unit_hashes) - n + 1
+    h = np.zeros(m, np.uint64)
+    for k in range(n):  # polynomial rolling hash, wrapping mod 2^64 (numpy does not warn on array overflow)
+        h = h * _P + unit_hashes[k:k + m]
+    return _mix64(h + np.uint64(n))  # n in the hash: a 12-gram never equals a 20-gram
+
+
+# -----------------------------------------------------------------------------
+# quality signals and filters
+
+def _dup_fraction(items):
+    """(fraction of items that repeat an earlier one, fraction of their characters): Gopher's duplicate lines."""
+    seen, dup, dup_chars = set(), 0, 0
+    for item in items:
+        if item in seen:
+            dup, dup_chars = dup + 1, dup_chars + len(item)
+        seen.add(item)
+    return dup / max(1, len(items)), dup_chars / max(1, sum(map(len, items)))
+
+
+def repetition_stats(unit_hashes, unit_lengths, ns_top=(2, 3, 4), ns_dup=(5, 6, 7, 8, 9, 10), scale=1):
+    """Gopher's n-gram repetition (Rae et al. 2021, App. A) over units, vectorized: for n in ns_top the share of
+    characters in the most frequent n-gram; for n in ns_dup the share of characters covered by n-grams that occur
+    more than once. Keys are the unscaled n; the n-gram used is n * scale (scale 2 for Japanese characters)."""
+    total = max(1, int(unit_lengths.sum()))
+    top, dup = {}, {}
+    for n in (*ns_top, *ns_dup):
+        k = n * scale
+        if len(unit_hashes) < k + 1:  # a single window repeats nothing
+            (top if n in ns_top else dup)[n] = 0.0
+            continue
+        _, first, inverse, counts = np.unique(ngram_hashes(unit_hashes, k), return_index=True,
+                                              return_inverse=True, return_counts=True)
+        if n in ns_top:
+            best = np.argmax(counts)
+            chars = int(unit_lengths[first[best]:first[best] + k].sum())
+            top[n] = float(counts[best] * chars / total) if counts[best] > 1 else 0.0
+        else:
+            starts = np.nonzero(counts[inverse] > 1)[0]
+            cover = np.zeros(len(unit_hashes) + 1, np.int64)  # +1 at each repeated window's start, -1 past its end
+            np.add.at(cover, starts, 1)
+            np.add.at(cover, starts + k, -1)
+            dup[n] = float(unit_lengths[np.cumsum(cover[:-1]) > 0].sum()) / total
+    return top, dup
+
+
+def quality_signals(text, lang, cjk_ngram_scale=THRESHOLDS["cjk_ngram_scale"], u=None):
+    """Every statistic the filters look at, as a dict. `u`: units(text), when the caller has it already."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    words = text.split()
+    s = {"chars": len(text), "words": len(words), "lines": len(lines)}
+    if lang == "code":
+        lengths = [len(line) for line in text.split("\n")]
+        s.update(mean_line=sum(lengths) / max(1, len(lengths)), max_line=max(lengths, default=0),
+                 alnum=script_counts(text)["alnum"] / max(1, len(text)))
+        return s
+    s["dup_line_frac"], s["dup_line_chars"] = _dup_fraction(lines)
+    s["dup_para_frac"], s["dup_para_chars"] = _dup_fraction(paras)
+    hashes, lengths, _ = u or units(text)
+    scale = cjk_ngram_scale if lang == "ja" else 1
+    s["top_ngram_chars"], s["dup_ngram_chars"] = repetition_stats(hashes, lengths, scale=scale)
+    s["line_punct"] = sum(line.endswith(tuple(".!?\"'。！？」』)")) for line in lines) / max(1, len(lines))
+    s["short_lines"] = sum(len(line) < 30 for line in lines) / max(1, len(lines))
+    if lang == "ja":
+        c = script_counts(text)
+        letters = max(1, c["letters"])
+        sentences = [x for x in _SENTENCE_END.split(text) if x.strip()]
+        slen = [len(x.strip()) for x in sentences]
+        s.update(hiragana=c["hiragana"] / letters, katakana=c["katakana"] / letters,
+                 japanese=(c["hiragana"] + c["katakana"] + c["kanji"]) / max(1, len(text.replace("\n", ""))),
+                 mean_sentence=sum(slen) / max(1, len(slen)), max_sentence=max(slen, default=0),
+                 ellipsis_sentences=sum(x.strip().endswith(("・", "…")) for x in sentences) / max(1, len(sentences)),
+                 compression=len(zlib.compress(text.encode())) / max(1, len(text.encode())))
+    else:
+        s.update(mean_word_len=sum(map(len, words)) / max(1, len(words)),
+                 symbol_word=(text.count("#") + text.count("...") + text.count("…")) / max(1, len(words)),
+                 bullet_lines=sum(line.startswith(("•", "-", "*", "·", "・")) for line in lines) / max(1, len(lines)),
+                 ellipsis_lines=sum(line.endswith(("...", "…")) for line in lines) / max(1, len(lines)),
+                 alpha_words=sum(any(ch.isalpha() for ch in w) for w in words) / max(1, len(words)),
+                 stop_words=sum(w.lower() in STOP_WORDS for w in words))
+    return s
+
+
+def filter_reason(s, lang, t=THRESHOLDS):
+    """The first filter the signals `s` (from quality_signals) fail, as a short reason string, or None to keep."""
+    if s["chars"] > t["max_chars"]:
+        return "too_long"
+    if lang == "code":
+        checks = [("too_short", s["chars"] < t["min_chars_code"]),
+                  ("code_long_line", s["max_line"] > t["max_line_code"]),
+                  ("code_mean_line", s["mean_line"] > t["max_mean_line_code"]),
+                  ("code_alnum", s["alnum"] < t["min_alnum_code"])]
+    elif lang == "ja":
+        checks = [("too_short", s["chars"] < t["min_chars_ja"]),
+                  ("ja_hiragana", s["hiragana"] < t["min_hiragana"]),
+                  ("ja_katakana", s["katakana"] > t["max_katakana"]),
+                  ("ja_letters", s["japanese"] < t["min_japanese"]),
+                  ("ja_sentence_mean", not t["min_mean_sentence"] <= s["mean_sentence"] <= t["max_mean_sentence"]),
+                  ("ja_sentence_max", s["max_sentence"] > t["max_sentence"]),
+                  ("ja_ellipsis", s["ellipsis_sentences"] > t["max_ellipsis_sentences"]),
+                  ("compression", not t["min_compression"] <= s["compression"] <= t["max_compression"]),
+                  ("line_punct", s["line_punct"] < t["min_line_punct_ja"])]
+    else:
+        checks = [("too_short", s["words"] < t["min_words"]), ("too_long", s["words"] > t["max_words"]),
+                  ("word_length", not t["min_mean_word_len"] <= s["mean_word_len"] <= t["max_mean_word_len"]),
+                  ("symbols", s["symbol_word"] > t["max_symbol_word_ratio"]),
+                  ("bullets", s["bullet_lines"] > t["max_bullet_lines"]),
+                  ("ellipsis", s["ellipsis_lines"] > t["max_ellipsis_lines"]),
+                  ("alpha_words", s["alpha_words"] < t["min_alpha_words"]),
+                  ("stop_words", s["stop_words"] < t["min_stop_words"]),
+                  ("line_punct", s["line_punct"] < t["min_line_punct"])]
+    if lang != "code":
+        checks += [("short_lines", s["short_lines"] > t["max_short_lines"]),
+                   ("dup_lines", s["dup_line_frac"] > t["max_dup_line_frac"]
+                    or s["dup_line_chars"] > t["max_dup_line_chars"]),
+                   ("dup_paragraphs", s["dup_para_frac"] > t["max_dup_para_frac"]
+                    or s["dup_para_chars"] > t["max_dup_para_chars"]),
+                   ("top_ngram", any(s["top_ngram_chars"][n] > v for n, v in t["max_top_ngram_chars"].items())),
+                   ("dup_ngrams", any(s["dup_ngram_chars"][n] > v for n, v in t["max_dup_ngram_chars"].items()))]
+    return next((reason for reason, failed in checks if failed), None)
+
+
+# -----------------------------------------------------------------------------
+# MinHash + LSH (Broder 1997; Leskovec et al., Mining of Massive Datasets ch. 3), numpy-vectorized.
+# Defaults from FineWeb: 5-grams (word 5-grams there; Swallow uses character 5-grams for Japanese), 14 bands x 8
+# rows = 112 permutations, a pair merged with probability 1-(1-s^8)^14: 50% at s ~0.72.
+
+def exact_hash(text):
+    """Hash of the text with case and whitespace runs normalized: exact duplicates up to formatting."""
+    key = " ".join(text.lower().split())
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def shingles(text, n=5, u=None):
+    """The unique n-gram hashes of a text (character n-grams in Japanese, word n-grams elsewhere)."""
+    return np.unique(ngram_hashes((u or units(text))[0], n))
+
+
+def minhash(shingle_sets, num_perm=112, seed=0, chunk=1 << 14):
+    """MinHash signatures, (len(shingle_sets), num_perm) uint32. Permutation i is the multiply-shift hash
+    (a_i * x + b_i) >> 32 mod 2^64 with odd a_i, over already-mixed 64-bit shingle hashes; the minimum per document
+    and permutation comes from np.minimum.reduceat over the concatenated shingles, `chunk` shingles at a time.
+    Layout and chunk are measured: (num_perm, shingles) with 16k shingles (14 MB, cache-sized) runs ~20x faster than
+    (shingles, num_perm) with 256k on the same data (benchmarks/minhash_vs_datasketch.py).
+    A document without shingles gets all-ones (it matches only other empty documents)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+    sigs = np.full((len(shingle_sets), num_perm), 0xFFFFFFFF, np.uint32)
+    i = 0
+    while i < len(shingle_sets):
+        j, size = i, 0  # take documents while their shingles fit in the chunk (at least one document)
+        while j < len(shingle_sets) and (j == i or size + len(shingle_sets[j]) <= chunk):
+            size, j = size + len(shingle_sets[j]), j + 1
+        sizes = np.array([len(x) for x in shingle_sets[i:j]])
+        nonempty = np.nonzero(sizes)[0]
+        if len(nonempty):
+            x = np.concatenate([shingle_sets[i + k] for k in nonempty])
+            values = np.multiply.outer(a, x)  # (num_perm, S), mod 2^64: x -> a*x + b is a bijection for odd a
+            values += b[:, None]
+            starts = np.concatenate([[0], np.cumsum(sizes[nonempty])[:-1]])
+            # the minimum first, then the top 32 bits: v >> 32 is monotonic, so min(v >> 32) == min(v) >> 32,
+            # and the shift runs over (num_perm, docs) instead of (num_perm, shingles)
+            sigs[i + nonempty] = (np.minimum.reduceat(values, starts, axis=1) >> np.uint64(32)).T
+        i = j
+    return sigs
+
+
+def lsh_band_hashes(sigs, bands=14, rows=8):
+    """(n_docs, bands) uint64: one hash per band of `rows` signature values; equal band hash = candidate pair.
+    This is all the fuzzy-dedup index keeps per document: 8 bytes x bands (112 bytes with FineWeb's 14 bands)."""
+    assert sigs.shape[1] >= bands * rows, f"{sigs.shape[1]} permutations < {bands} bands x {rows} rows"
+    s = sigs[:, :bands * rows].reshape(len(sigs), bands, rows).astype(np.uint64)
+    h = np.zeros((len(sigs), bands), np.uint64)
+    for r in range(rows):
+        h = h * _P + s[:, :, r]
+    return _mix64(h)
+
+
+def union_find(n, a, b):
+    """Connected components of n nodes and edges (a[i], b[i]) as numpy arrays: returns each node's label, the
+    smallest node id of its component. Min-label hooking with pointer jumping (Shiloach-Vishkin style), vectorized:
+    a handful of numpy rounds, not a Python loop per edge (the test checks it against the textbook version and on a
+    10,000-node chain)."""
+    label = np.arange(n)
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    while True:
+        old = label.copy()
+        m = np.minimum(label[a], label[b])
+        for side in (a, b):
+            np.minimum.at(label, old[side], m)  # hook the current root of each endpoint to the smaller label
+            np.minimum.at(label, side, m)
+        while True:  # pointer jumping: every node points at its root
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+        if np.array_equal(label, old):
+            return label
+
+
+def duplicate_clusters(band_hashes, sigs=None, threshold=0.0):
+    """Cluster label per document from LSH bands (documents sharing any band are joined; transitively, through
+    union-find). Keep the documents whose label equals their own index: the first of each cluster.
+    With `sigs` and a threshold > 0, a candidate pair is joined only when the share of equal MinHash values (the
+    Jaccard estimate) reaches the threshold: the S-curve's tail below it is cut (`sigs` may be a np.memmap)."""
+    a, b = [], []
+    for band in band_hashes.T:
+        order = np.argsort(band, kind="stable")
+        same = band[order[1:]] == band[order[:-1]]
+        a.append(order[:-1][same])
+        b.append(order[1:][same])
+    a, b = np.concatenate(a or [[]]).astype(np.int64), np.concatenate(b or [[]]).astype(np.int64)
+    if threshold > 0 and len(a):
+        pairs = np.unique(np.stack([a, b], axis=1), axis=0)  # a pair sharing several bands is checked once
+        a, b = pairs[:, 0], pairs[:, 1]
+        close = np.concatenate([(sigs[a[i:i + 65536]] == sigs[b[i:i + 65536]]).mean(1) >= threshold
+                                for i in range(0, len(a), 65536)])
+        a, b = a[close], b[close]
+    return union_find(len(band_hashes), a, b)
+
+
+# -----------------------------------------------------------------------------
+# decontamination: n-grams shared with evaluation sets. FineWeb uses word 12-grams; a Japanese character is about
+# half a word, so Japanese (CJK-majority) text uses 24-character n-grams.
+
+def _decontam_n(unit_lengths, n_word, n_cjk):
+    cjk = np.count_nonzero(unit_lengths == 1)  # single-character units are almost all CJK characters
+    return n_cjk if cjk > len(unit_lengths) / 2 else n_word
+
+
+def ngram_index(texts, n_word=12, n_cjk=24):
+    """Sorted unique hashes of every n-gram of the evaluation texts, at both sizes (a Japanese question inside an
+    English document, or the other way round, is still found)."""
+    parts = [np.zeros(0, np.uint64)]
+    for text in texts:
+        h = units(normalize(text))[0]
+        parts += [ngram_hashes(h, n) for n in (n_word, n_cjk) if len(h) >= n]  # a short answer ("B") is no evidence
+    return np.unique(np.concatenate(parts))
+
+
+def contaminated_spans(text, index, n_word=12, n_cjk=24):
+    """Merged (start, end) character spans of the text covered by n-grams found in the index (empty: clean)."""
+    if len(index) == 0:
+        return []
+    hashes, lengths, spans = units(text)
+    n = _decontam_n(lengths, n_word, n_cjk)
+    if len(hashes) < n:
+        return []
+    hits = np.nonzero(np.isin(ngram_hashes(hashes, n), index))[0]
+    merged = []
+    for i in hits.tolist():
+        start, end = int(spans[i, 0]), int(spans[i + n - 1, 1])
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(x) for x in merged]
+
+
+def cut_spans(text, spans):
+    """The text with the spans removed (the "cut" alternative to dropping a contaminated document)."""
+    out, pos = [], 0
+    for start, end in spans:
+        out.append(text[pos:start])
+        pos = end
+    return "".join(out + [text[pos:]])
+
+
+# -----------------------------------------------------------------------------
+# categories for balance: hashed unit 1- and 2-gram features, spherical k-means (cosine similarity)
+
+def hashed_features(texts, dim=1024):
+    """(len(texts), dim) float32: log(1 + count) of hashed unit unigrams and bigrams, rows L2-normalized."""
+    X = np.zeros((len(texts), dim), np.float32)
+    for i, text in enumerate(texts):
+        h = units(text)[0]  # unit hashes are mixed already: usable as unigram features as they are
+        grams = np.concatenate([h, ngram_hashes(h, 2)]) if len(h) > 1 else h
+        np.add.at(X[i], (grams % np.uint64(dim)).astype(np.int64), 1.0)
+    X = np.log1p(X)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-6)
+
+
+def assign(X, centroids):
+    return np.argmax(X @ centroids.T, axis=1) if len(X) else np.zeros(0, np.int64)
+
+
+def kmeans(X, k=8, iters=20, seed=0):
+    """Spherical k-means on L2-normalized rows: k centroids (k, dim). k-means++ start (Arthur & Vassilvitskii
+    2007): each next centroid a row drawn with probability ~ its squared distance to the nearest one so far."""
+    rng = np.random.default_rng(seed)
+    k = min(k, len(X))
+    centroids = X[[rng.integers(len(X))]]
+    while len(centroids) < k:
+        d2 = np.maximum(0.0, 2 - 2 * (X @ centroids.T).max(1)).astype(np.float64)  # |x-c|^2 of unit vectors
+        p = d2 / d2.sum() if d2.sum() > 0 else None
+        centroids = np.vstack([centroids, X[rng.choice(len(X), p=p)]])
+    for _ in range(iters):
+        labels = assign(X, centroids)
+        for c in range(k):
+            members = X[labels == c]
+            if len(members):  # an empty cluster keeps its centroid rather than vanish
+                v = members.sum(0)
+                centroids[c] = v / max(np.linalg.norm(v), 1e-6)
+    return centroids
+
+
+# -----------------------------------------------------------------------------
+# knowledge-frequency probe (TANUKI.md, "Evaluation": a character's hobby appeared in 14-151 documents, most of
+# them copies of one text, which explained the model's hallucinations about it)
+
+def terms_cooccur(text, terms, window=200):
+    """True when every term occurs within `window` characters of an occurrence of the first term."""
+    low = text.lower()
+    terms = [t.lower() for t in terms]
+    for m in re.finditer(re.escape(terms[0]), low):
+        lo, hi = max(0, m.start() - window), m.end() + window
+        if all(t in low[lo:hi] for t in terms[1:]):
+            return True
+    return False
+
+
+def knowledge_frequency(texts, terms, window=200, bands=14, rows=8):
+    """How many of the texts mention all terms together, and how many distinct texts that is once near-duplicate
+    copies (MinHash/LSH clusters, FineWeb's settings) count once."""
+    hits = [t for t in texts if terms_cooccur(t, terms, window)]
+    if not hits:
+        return {"terms": list(terms), "documents": 0, "distinct": 0}
+    labels = duplicate_clusters(lsh_band_hashes(minhash([shingles(t) for t in hits], bands * rows), bands, rows))
+    return {"terms": list(terms), "documents": len(hits), "distinct": int(len(np.unique(labels)))}
