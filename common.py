@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -98,7 +99,8 @@ def setup_distributed(device="auto", timeout_minutes=30):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+        # on CUDA, gloo beside NCCL for CPU tensors: DCP's async save runs its collectives on the CPU
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
     return rank, local_rank, world_size, device
@@ -226,3 +228,197 @@ def peak_flops(device_name):
 def mfu(flops_per_token, tokens_per_second_per_device, device_name):
     peak = peak_flops(device_name)
     return None if peak is None else flops_per_token * tokens_per_second_per_device / peak
+
+
+# -----------------------------------------------------------------------------
+# token shards written by prepare_data.py: DATA_DIR/<source>/{meta.json, train_000000.bin ..., val_000000.bin}
+# raw little-endian token arrays with no header, documents framed <|bos|> ... <|eos|> and concatenated
+
+def open_shards(data_dir, source, split, tokenizer_hash, min_tokens=1):
+    """Memory-map the `split` ("train" or "val") shards of one source, after checking everything that can be
+    checked without reading them: Tanuki's runs died on missing or tiny shards at start-up (TANUKI.md "What
+    failed"), so every mismatch is an error naming the file, raised before a single step is trained.
+    Returns (list of 1-D numpy memmaps, meta dict)."""
+    where = os.path.join(data_dir, source)
+    meta_path = os.path.join(where, "meta.json")
+    if not os.path.isdir(where):
+        found = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "meta.json"))) \
+            if os.path.isdir(data_dir) else []
+        raise SystemExit(f"data source '{source}' not found: no directory {where} (sources in {data_dir}: {found})")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{meta_path} is missing: was prepare_data.py interrupted?")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("tokenizer_hash") != tokenizer_hash:
+        raise SystemExit(f"{meta_path}: tokenized with a different tokenizer (hash {str(meta.get('tokenizer_hash'))[:12]}"
+                         f" != {tokenizer_hash[:12]}); re-run prepare_data.py with this tokenizer")
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    files = meta[split]["files"]
+    if not files:
+        raise SystemExit(f"{meta_path}: no {split} shards listed")
+    shards = []
+    for name in files:
+        path = os.path.join(where, name)
+        if not os.path.isfile(path):
+            raise SystemExit(f"shard {path} listed in {meta_path} is missing")
+        size = os.path.getsize(path)
+        if size == 0 or size % dtype.itemsize:
+            raise SystemExit(f"shard {path} is empty or truncated ({size} bytes, {dtype.itemsize}-byte tokens)")
+        shards.append(np.memmap(path, dtype=dtype, mode="r"))
+    total = sum(len(s) for s in shards)
+    if total != meta[split]["tokens"]:
+        raise SystemExit(f"{where}: the {split} shards hold {total:,} tokens but {meta_path} says "
+                         f"{meta[split]['tokens']:,}: a shard is truncated or from another run")
+    if total < min_tokens:
+        raise SystemExit(f"{where}: the {split} split has {total:,} tokens, fewer than one sample ({min_tokens:,})")
+    return shards, meta
+
+
+def read_tokens(shards, start, length):
+    """`length` tokens from position `start` of the concatenation of `shards` (a span may cross a shard end),
+    as an int64 numpy array."""
+    out = []
+    for shard in shards:
+        if start >= len(shard):
+            start -= len(shard)
+            continue
+        out.append(np.asarray(shard[start : start + length], dtype=np.int64))
+        length -= len(out[-1])
+        start = 0
+        if length == 0:
+            break
+    return np.concatenate(out)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: every rank holds 1/N of each parameter, gradient and optimizer state (ZeRO-3; TANUKI.md "General
+# guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native equivalent.
+
+def shard_model(model, mesh, param_dtype, activation_checkpoint=False, compile=False):
+    """Shard `model` (a Transformer) in place over `mesh`, in torchtitan's order: the embedding, each block,
+    the final norm + lm_head, then the root, which takes whatever is left. A block is all-gathered just before
+    its forward and freed after it, so at most about one block's full weights exist at a time.
+    Mixed precision: weights are all-gathered and computed in `param_dtype` (bf16 on H100) while the master
+    copy the optimizer updates stays float32, and gradients are reduce-scattered in float32 so that summing
+    over hundreds of ranks does not round away small updates.
+    A 1-D mesh is plain FSDP; a 2-D mesh ("replicate", "shard") is hybrid sharding: shard within a node
+    over NVLink, replicate across nodes, so only the gradient all-reduce crosses the slower network."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        if activation_checkpoint:
+            # recompute the block's activations in the backward instead of keeping them: at 8B and 4k
+            # sequences the kept activations would not fit next to the weights and optimizer state
+            block = checkpoint_wrapper(block, preserve_rng_state=False)  # no dropout: no RNG to replay
+        if compile:
+            block.compile()  # per block, not the whole model: one graph compiled once, reused 32 times
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+        model.blocks[i] = block
+    if not model.cfg.tie_embeddings:  # a tied weight belongs to two modules: leave it to the root
+        fully_shard(model.embed, mesh=mesh, mp_policy=mp)
+        # the output layer runs last in the forward and first in the backward: keeping it gathered between the
+        # two saves one all-gather of the largest matrix per step
+        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# training checkpoints: torch distributed checkpoint (DCP), each rank writing its own shards in parallel, into
+# ROOT/step_00001000.tmp renamed to ROOT/step_00001000 once complete; meta.json holds step, loader position,
+# counters and config, rng_rank<r>.pt each rank's random-number state
+
+def latest_checkpoint(root, max_step=None):
+    """The newest complete training checkpoint under `root` (of a step <= max_step when given), or None. A `.tmp`
+    directory is a save that was interrupted (the process was killed while writing) and is never picked."""
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+            and os.path.isfile(os.path.join(root, d, "meta.json"))
+            and (max_step is None or int(d[5:]) <= max_step)]
+    return os.path.join(root, max(done)) if done else None
+
+
+_async_group = None  # created on the first async save
+
+
+def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save=False):
+    """Collective: every rank calls it. Writes model + optimizer shards and `meta` (a JSON-able dict) as the
+    checkpoint of `step`, then keeps only the newest `keep`. With async_save the shards are written in the
+    background while training goes on and the returned function must be called later (before the next save and
+    at exit) to wait for the writes and rename the checkpoint into place; without it, returns None when done."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank = dist.get_rank()
+    meta_text = json.dumps({"step": step, **meta}, indent=1, ensure_ascii=False)  # now: training goes on mutating it
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    pending = None
+    if async_save:
+        # the background writer's collectives get a process group of their own: on the training group they would
+        # interleave with FSDP's all-gathers and deadlock (torchtitan does the same)
+        global _async_group
+        _async_group = _async_group or dist.new_group(backend="gloo")
+        # DCP stages GPU tensors into CPU memory before it returns; CPU tensors could be written while the next
+        # optimizer steps change them in place, so they are copied first
+        from torch.utils._pytree import tree_map_only
+        state = tree_map_only(torch.Tensor, lambda t: t.detach().clone() if t.device.type == "cpu" else t, state)
+        pending = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group)
+    if not async_save:
+        dcp.save(state, checkpoint_id=tmp)
+
+    def finish():
+        if pending is not None:
+            pending.result()
+        dist.barrier()  # every rank's shards are on disk
+        if rank == 0:
+            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+                f.write(meta_text)
+            if os.path.exists(final):  # the same step again, after a rollback: replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # the commit point: before it the previous checkpoint is the latest
+            done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+            for old in done[:-keep] if keep > 0 else []:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            for d in os.listdir(root):  # leftovers of saves that were killed
+                if d.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        dist.barrier()
+
+    if async_save:
+        return finish
+    finish()
+    return None
+
+
+def load_train_checkpoint(directory, model, optimizer):
+    """Collective. Loads a checkpoint written by save_train_checkpoint into `model` and `optimizer` (already
+    sharded the same way or not: DCP reshards to the current world size), restores this rank's random-number
+    state when the checkpoint has one, and returns its meta dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_path = os.path.join(directory, f"rng_rank{dist.get_rank()}.pt")
+    if os.path.isfile(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)

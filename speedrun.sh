@@ -24,10 +24,19 @@ if ! $PYTHON -c "import torch, numpy, tiktoken, tqdm, rustbpe, safetensors" 2>/d
     stage install $PYTHON -m pip install -r requirements.txt
 fi
 
-# 1. tokenizer: byte-level BPE with the Japanese-aware split, trained on text every machine has (the Python
-#    standard library's sources: English prose in docstrings and code). prepare_data.py (issue 3) will train it
-#    on a sample of the cleaned corpus instead.
-STDLIB=$($PYTHON -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-stage tokenizer $PYTHON tokenizer.py --input="$STDLIB" --vocab_size=4096 --out_dir="$OUT/tokenizer"
+# a fresh run each time: the tiny run's stage outputs are cleared (metrics.jsonl would otherwise keep growing)
+rm -rf "$OUT/data" "$OUT/train" "$OUT/upcycle" "$OUT/train_moe"
+
+# 1. data: the built-in corpus (stdlib docstrings + code, template Japanese) -> cleaned, deduplicated uint16 shards,
+#    with a 4096-id BPE trained on a sample of the cleaned text (prepare_data.py's defaults are the tiny run)
+stage data $PYTHON prepare_data.py --out_dir="$OUT/data"
+
+# 2. dense pretraining of the tiny model (configs/tiny.py: 300 steps)
+stage pretrain $PYTHON train.py configs/tiny.py --data_dir="$OUT/data" --out_dir="$OUT/train"
+
+# 3. upcycling: every FFN becomes 8 experts (the dense FFN + 0.1% noise), top-2; then MoE training goes on
+stage upcycle $PYTHON upcycle.py --init_from="$OUT/train/model" --out_dir="$OUT/upcycle"
+stage moe_train $PYTHON train.py configs/tiny.py configs/tiny_moe.py --init_from="$OUT/upcycle" \
+    --data_dir="$OUT/data" --out_dir="$OUT/train_moe"
 
 echo; echo "speedrun finished: outputs in $OUT/"

@@ -1,7 +1,7 @@
 """
 Stage 3: grow the dense model into a Mixture of Experts (TANUKI.md "Upcycling 8B to 8x8B").
 
-    python upcycle.py --init_from=out/train --out_dir=out/upcycle                      # tiny: 8 experts, top-2
+    python upcycle.py --init_from=out/train/model --out_dir=out/upcycle                     # tiny: 8 experts, top-2
     python upcycle.py --init_from=ckpt/8b --out_dir=ckpt/8x8b --n_experts=8 --moe_top_k=2 --noise_ratio=0.001
 
 Tanuki upcycled its 8B after ~1T tokens, when the dense loss had flattened: the dense model stays a safe fallback
@@ -28,7 +28,7 @@ from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = "out/train"      # a dense checkpoint directory (config.json + model.safetensors + tokenizer)
+init_from = "out/train/model"  # a dense checkpoint directory (config.json + model.safetensors + tokenizer)
 out_dir = "out/upcycle"
 n_experts = 8                # Tanuki-8x8B: 8 experts ...
 moe_top_k = 2                # ... 2 active per token: 47B total, 13B active (TANUKI.md "Models")
@@ -109,5 +109,5 @@ provenance = {"upcycled_from": os.path.abspath(init_from), "noise_ratio": noise_
               "router_init_std": router_init_std, "output_scale": output_scale, "config": config}
 save_checkpoint(out_dir, model, enc, stage="upcycle", extra=provenance)
 print(f"upcycled {init_from} -> {out_dir}: {n_moe} of {moe_cfg.n_layer} layers with {n_experts} experts, "
-      f"top-{moe_top_k} ({moe_router}); {model.num_params() / 1e9:.3f}B parameters, "
-      f"{model.num_params(active=True) / 1e9:.3f}B active, in {time.time() - t0:.1f}s")
+      f"top-{moe_top_k} ({moe_router}); {model.num_params() / 1e6:,.2f}M parameters, "
+      f"{model.num_params(active=True) / 1e6:,.2f}M active, in {time.time() - t0:.1f}s")

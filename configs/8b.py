@@ -28,3 +28,15 @@ seq_len = 4096
 tokens_per_step = 1024 * 4096
 micro_batch_size = 1     # sequences per GPU per forward; the rest comes from gradient accumulation
 dtype = "bfloat16"       # bf16, no FP8: the failed 38B run used FP8 ("What failed")
+max_iters = 300_000      # x 4M tokens = 1.26T: Tanuki-8B saw ~1.3T tokens in total ("Models")
+# 16 nodes x 8 H100 at ~60B tokens/day ("Pretraining") is ~15k steps a day, ~6 s a step: a checkpoint every
+# 500 steps is ~50 minutes of work at risk, and writes in the background (async) so the GPUs do not wait
+checkpoint_interval = 500
+async_checkpoint = True
+keep_checkpoints = 3
+log_interval = 10
+eval_interval = 1000
+eval_iters = 8
+activation_checkpoint = True  # 4k-token activations of 32 layers do not fit beside the shards otherwise
+compile = True
+pg_timeout_minutes = 30  # the 8x8B's checkpoint saves to slow storage needed 30, not 10 ("What failed")

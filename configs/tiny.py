@@ -26,3 +26,12 @@ seq_len = 256
 tokens_per_step = 16 * 256
 micro_batch_size = 16
 dtype = "float32"        # CPUs have no fast bf16 matmul worth the precision loss at this size
+max_iters = 300          # 1.2M tokens: about two minutes on 2 CPU cores
+# checkpoints, logs, validation
+checkpoint_interval = 100
+log_interval = 10
+eval_interval = 100
+eval_iters = 4
+activation_checkpoint = False  # recomputation only pays when activations do not fit; they always do here
+# stability: a shorter window for a 300-step run
+spike_window = 50

@@ -56,10 +56,16 @@ def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
         common.load_config(defaults(), [str(tmp_path / "missing.py")])
 
 
+# configs that are layered on top of another one: `train.py configs/8b.py configs/8x8b.py`
+BASE_CONFIG = {"8x8b.py": "8b.py", "tiny_moe.py": "tiny.py"}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_instantiates(path):
     scope = {}
-    exec(open(path, encoding="utf-8").read(), scope)
+    base = BASE_CONFIG.get(os.path.basename(path))
+    for file in ([os.path.join(ROOT, "configs", base)] if base else []) + [path]:
+        exec(open(file, encoding="utf-8").read(), scope)
     cfg = common.model_config_from(scope)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -87,7 +87,8 @@ def test_refuses_to_upcycle_twice(dense, tmp_path):
 
 def test_8x8b_is_47b_total_13b_active():
     scope = {}
-    exec(open(os.path.join(ROOT, "configs", "8x8b.py"), encoding="utf-8").read(), scope)
+    for name in ("8b.py", "8x8b.py"):  # 8x8b.py is layered on top of 8b.py
+        exec(open(os.path.join(ROOT, "configs", name), encoding="utf-8").read(), scope)
     with torch.device("meta"):
         model = Transformer(model_config_from(scope))
     total, active = model.num_params(), model.num_params(active=True)

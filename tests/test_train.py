@@ -1,0 +1,301 @@
+"""Claims about train.py: the tiny config learns; 2 ranks under FSDP train the same model as 1 rank; a run killed
+with SIGKILL (mid-step, or while writing a checkpoint) resumes to exactly the uninterrupted run's losses on exactly
+its batches; a NaN batch is skipped and counted; repeated spikes roll back past the bad data; the LR range test
+stops at the spike; broken data and unknown settings fail at start-up with messages naming the problem.
+Faults are injected at exact forward calls by tests/faults.py, so nothing here depends on timing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common
+from tokenizer import encode_batch, save_tokenizer, tokenizer_hash, train_tokenizer
+
+TRAIN, FAULTS = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "tests", "faults.py")
+# a model smaller than configs/tiny.py for the fault tests: 8 sequences of 64 tokens per step as 2 micro-batches
+SMALL = ["configs/tiny.py", "--d_model=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=160", "--max_seq_len=64",
+         "--seq_len=64", "--tokens_per_step=512", "--micro_batch_size=4", "--log_interval=1", "--eval_interval=1000",
+         "--eval_iters=2", "--warmup_iters=3", "--spike_window=20", "--max_iters=12"]
+
+STDLIB_MODULES = ["argparse", "dataclasses", "textwrap", "difflib", "heapq", "csv", "fractions", "shlex"]
+
+
+def write_source(data_dir, name, enc, docs, val_docs, shard_tokens):
+    """One source in prepare_data.py's layout: <name>/meta.json, train_%06d.bin shards, val_000000.bin."""
+    where = os.path.join(data_dir, name)
+    os.makedirs(where)
+    meta = {"source": name, "dtype": "uint16", "vocab_size": enc.n_vocab, "tokenizer_hash": tokenizer_hash(enc),
+            "shard_tokens": shard_tokens}
+    for split, texts in (("train", docs), ("val", val_docs)):
+        ids = np.concatenate([np.array(d, dtype=np.uint16) for d in encode_batch(enc, texts)])  # bos ... eos
+        files = [f"{split}_{i:06d}.bin" for i in range((len(ids) + shard_tokens - 1) // shard_tokens)]
+        for i, file in enumerate(files):
+            ids[i * shard_tokens : (i + 1) * shard_tokens].tofile(os.path.join(where, file))
+        meta[split] = {"files": files, "tokens": len(ids), "documents": len(texts)}
+    with open(os.path.join(where, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Two sources of real text (Japanese; English + code), small shards so that samples cross shard ends."""
+    texts = {name: Path(ROOT, "tests", "data", f"{name}_sample.txt").read_text(encoding="utf-8")
+             for name in ("ja", "en", "code")}
+    enc = train_tokenizer(iter(texts.values()), vocab_size=512)
+    directory = str(tmp_path_factory.mktemp("data"))
+    save_tokenizer(enc, directory)
+    ja = [p for p in texts["ja"].split("\n") if p.strip()]
+    # English and code: the samples plus some of the Python standard library's sources, on every machine
+    stdlib = os.path.dirname(os.__file__)
+    en = [p for p in texts["en"].split("\n") if p.strip()] + texts["code"].split("\n\n") + [
+        Path(stdlib, f"{m}.py").read_text(encoding="utf-8") for m in STDLIB_MODULES]
+    write_source(directory, "ja", enc, ja[2:] * 4, ja[:2] * 4, shard_tokens=1500)
+    write_source(directory, "en", enc, en[2:], en[:2] * 4, shard_tokens=100_000)
+    return directory
+
+
+def train(out_dir, data_dir, *args, faults=None, nproc=1, expect_fail=False):
+    script = FAULTS if faults else TRAIN
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    # one thread per process (torchrun's default too): the test machine has 2 cores for everything
+    env = {**os.environ, "FAULTS": json.dumps(faults or {}), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(launcher + [script, *args, f"--data_dir={data_dir}", f"--out_dir={out_dir}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    if expect_fail:
+        assert out.returncode != 0, out.stdout[-2000:]
+    else:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def metrics(out_dir):
+    """{step: record} of the logged training steps (a step logged twice, before and after a resume: the later)."""
+    records = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "loss" in r}, records
+
+
+def test_tiny_config_loss_falls(tmp_path, data_dir):
+    train(tmp_path, data_dir, "configs/tiny.py", "--max_iters=25", "--warmup_iters=5", "--eval_interval=25",
+          "--log_interval=1")
+    steps, records = metrics(tmp_path)
+    first, last = steps[1]["loss"], steps[25]["loss"]
+    assert last < first - 1.5, (first, last)
+    assert all(k in steps[25] for k in ("step", "loss", "lr", "grad_norm", "tokens", "skipped"))  # DESIGN.md
+    assert steps[25]["tokens"] == 25 * 16 * 256 and steps[25]["skipped"] == 0
+    val = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    assert set(val) == {"en", "ja"} and all(v < first for v in val.values())
+    model, _, meta = common.load_checkpoint(tmp_path / "model")  # the consolidated export the next stages load
+    assert meta["stage"] == "pretrain" and meta["step"] == 25 and model.cfg.d_model == 128
+
+
+def test_two_ranks_train_the_same_model_as_one(tmp_path, data_dir):
+    # the same global batch: 1 rank x 2 micro-batches of 4 sequences vs 2 ranks x 1 micro-batch of 4
+    args = SMALL + ["--max_iters=6", "--checkpoint_interval=3", "--eval_interval=6"]
+    train(tmp_path / "one", data_dir, *args)
+    train(tmp_path / "two", data_dir, *args, "--async_checkpoint", nproc=2)  # async DCP writes, same checkpoints
+    # hybrid sharding (2 replicas of 1 shard), with rank 1's optimizer step slowed down: the log names it
+    train(tmp_path / "hsdp", data_dir, *args, "--hsdp_replicas=2", nproc=2, faults={"slow_rank": 1})
+    (one, one_records), (two, two_records) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    hsdp, _ = metrics(tmp_path / "hsdp")
+    assert sorted(one) == sorted(two) == sorted(hsdp) == list(range(1, 7))
+    assert all(hsdp[s]["slowest_rank"] == 1 and hsdp[s]["slowest_local_ms"] >= 50 for s in hsdp)
+    for step in one:
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, step
+        assert abs(one[step]["loss"] - hsdp[step]["loss"]) < 1e-5, step
+        assert abs(one[step]["grad_norm"] - two[step]["grad_norm"]) < 1e-4 * one[step]["grad_norm"], step
+    assert one[6]["loss"] < one[1]["loss"]
+    val_one, val_two = one_records[-1]["val_loss"], two_records[-1]["val_loss"]
+    assert all(abs(val_one[k] - val_two[k]) < 1e-5 for k in val_one)
+    # the 2-rank sharded checkpoint resumes on 1 rank (DCP reshards) and continues the same run
+    train(tmp_path / "resharded", data_dir, *args, f"--resume={tmp_path / 'two' / 'checkpoints' / 'step_00000003'}")
+    resharded, _ = metrics(tmp_path / "resharded")
+    assert all(abs(resharded[s]["loss"] - one[s]["loss"]) < 1e-5 for s in (4, 5, 6))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(out, data_dir, *SMALL, "--checkpoint_interval=4", faults={"record": str(out / "batches")})
+    return metrics(out)[0], (out / "batches").read_text().split()
+
+
+def test_kill_9_mid_step_then_resume_is_exact(tmp_path, data_dir, uninterrupted):
+    losses, batches = uninterrupted
+    record = tmp_path / "batches"
+    # SIGKILL in the second micro-batch of step 9 (forward call 19); the newest checkpoint is step 8's
+    train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=4", faults={"kill": 19, "record": str(record)},
+          expect_fail=True)
+    before = record.read_text().split()
+    assert len(before) == 19 and os.path.isdir(tmp_path / "checkpoints" / "step_00000008")
+    record.unlink()
+    out = train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=4", "--resume=auto", faults={"record": str(record)})
+    assert "resumed from" in out.stdout and "step_00000008" in out.stdout
+    after = record.read_text().split()
+    # every micro-batch of the uninterrupted run, each exactly once, in the same order: none skipped or repeated
+    assert before[:16] + after == batches
+    resumed, _ = metrics(tmp_path)
+    assert [resumed[s]["loss"] for s in range(1, 13)] == [losses[s]["loss"] for s in range(1, 13)]  # bit-exact
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous(tmp_path, data_dir, uninterrupted):
+    losses, _ = uninterrupted
+    # the second save (step 6) is killed after its shards are written, before it is committed by the rename
+    train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=3", faults={"kill_in_save": 2}, expect_fail=True)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000003", "step_00000006.tmp"]
+    out = train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=3", "--resume=auto")
+    assert "step_00000003" in out.stdout
+    resumed, _ = metrics(tmp_path)
+    assert [resumed[s]["loss"] for s in range(4, 13)] == [losses[s]["loss"] for s in range(4, 13)]
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.endswith(".tmp")]  # the leftover is cleared
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path, data_dir, uninterrupted):
+    losses, _ = uninterrupted
+    out = train(tmp_path, data_dir, *SMALL, faults={"term": 10})  # during step 5 (0-based): exits cleanly
+    assert "SIGTERM: saved step 6" in out.stdout and os.listdir(tmp_path / "checkpoints") == ["step_00000006"]
+    assert max(metrics(tmp_path)[0]) == 6
+    train(tmp_path, data_dir, *SMALL, "--resume=auto")
+    resumed, _ = metrics(tmp_path)
+    assert [resumed[s]["loss"] for s in range(1, 13)] == [losses[s]["loss"] for s in range(1, 13)]
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, data_dir, uninterrupted):
+    losses, _ = uninterrupted
+    # NaN in step 5's first micro-batch; steps 8-9 skipped on purpose (Megatron's skip range, inclusive)
+    train(tmp_path, data_dir, *SMALL, "--skip_steps=[(8, 9)]", faults={"nan": [10]})
+    steps, _ = metrics(tmp_path)
+    assert [steps[s]["loss"] for s in range(1, 6)] == [losses[s]["loss"] for s in range(1, 6)]
+    assert np.isnan(steps[6]["loss"]) and steps[6]["nan"] == 1 and steps[6]["skipped"] == 1
+    assert 9 not in steps and 10 not in steps  # no forward, no log line for the skipped range
+    assert steps[12]["nan"] == 1 and steps[12]["skipped"] == 3 and steps[12]["tokens"] == 12 * 512
+    assert np.isfinite(steps[12]["loss"]) and steps[12]["loss"] < steps[1]["loss"]
+    model, _, _ = common.load_checkpoint(tmp_path / "model")
+    assert all(p.isfinite().all() for p in model.parameters())  # the NaN never reached the weights
+
+
+def test_repeated_spikes_roll_back_past_the_bad_data(tmp_path, data_dir):
+    record = tmp_path / "batches"
+    # loss x30 in steps 12 and 13; two spikes roll back to the checkpoint of step 10, with half the LR
+    out = train(tmp_path, data_dir, *SMALL, "--max_iters=20", "--checkpoint_interval=5", "--rollback_after=2",
+                "--rollback_lr_factor=0.5", faults={"spike": [24, 26], "record": str(record)})
+    assert "rolled back to" in out.stdout
+    steps, records = metrics(tmp_path)
+    rollback = [r for r in records if r.get("event") == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["to"] == "step_00000010" and rollback[0]["lr_scale"] == 0.5
+    assert steps[20]["spikes"] == 2 and steps[20]["rollbacks"] == 1 and steps[20]["skipped"] == 2
+    assert steps[20]["lr"] == pytest.approx(0.5 * common.lr_at(19, 3e-3, 3e-4, 3, 20))
+    seen = record.read_text().split()
+    # 14 steps before the rollback, 10 after it: the steps 10-13 re-run on new data, never the spiking batches
+    assert len(seen) == 2 * (14 + 10) and not set(seen[28:]) & set(seen[20:28])
+    assert max(os.listdir(tmp_path / "checkpoints")) == "step_00000020"
+
+
+def test_curriculum_switches_sources_at_token_counts_and_cycles(tmp_path, data_dir):
+    # English+code for the first 2048 tokens (4 steps), then Japanese only, as Tanuki's staged curriculum. The
+    # Japanese source has 195 windows of 64 tokens: 26 steps x 8 sequences = 208 run through it once and start again
+    out = train(tmp_path, data_dir, *SMALL, "--max_iters=30", "--curriculum=[(0, {'en': 1.0}), (2048, {'ja': 1.0})]")
+    steps, _ = metrics(tmp_path)
+    assert steps[4]["samples"] == {"en": 32, "ja": 0} and steps[5]["samples"] == {"en": 32, "ja": 8}
+    assert steps[30]["samples"] == {"en": 32, "ja": 208} and steps[30]["epochs"] == {"en": 0, "ja": 1}
+    assert "source 'ja' starts epoch 1 (195 windows per epoch)" in out.stdout
+
+
+def test_moe_model_trains_and_logs_its_routers(tmp_path, data_dir):
+    out = train(tmp_path, data_dir, *SMALL, "--max_iters=3", "--n_experts=4", "--moe_top_k=2")
+    assert "MoE balance" in out.stdout
+    steps, _ = metrics(tmp_path)
+    assert set(steps[3]["moe"]) == {"0", "1"} and len(steps[3]["moe"]["0"]["expert_load"]) == 4
+    assert steps[3]["loss"] < steps[1]["loss"]
+
+
+def test_lr_range_test_stops_at_the_spike(tmp_path, data_dir):
+    # from 1e-3 up to 100 in 20 steps: a 2-layer model diverges on the way (around 0.3 when measured)
+    out = train(tmp_path, data_dir, *SMALL, "--lr_range_test", "--min_lr=1e-3", "--learning_rate=100.0",
+                "--max_iters=20")
+    assert "LR range test: the loss spiked at lr" in out.stdout
+    result = next(r["lr_range_test"] for r in metrics(tmp_path)[1] if "lr_range_test" in r)
+    assert 1e-3 < result["last_stable_lr"] < result["spike_lr"] < 100
+    assert not os.path.exists(tmp_path / "checkpoints")  # a probe, not a run to keep
+
+
+def test_broken_data_fails_at_start_up_naming_the_file(tmp_path, data_dir):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    enc_hash = json.loads((broken / "en" / "meta.json").read_text())["tokenizer_hash"]
+    common.open_shards(str(broken), "en", "train", enc_hash, min_tokens=65)  # intact: no error
+    with pytest.raises(SystemExit, match="fewer than one sample"):
+        common.open_shards(str(broken), "en", "val", enc_hash, min_tokens=10**6)
+    with pytest.raises(SystemExit, match="different tokenizer"):
+        common.open_shards(str(broken), "en", "train", "0" * 64)
+    with pytest.raises(SystemExit, match="data source 'web' not found.*'en', 'ja'"):
+        common.open_shards(str(broken), "web", "train", enc_hash)
+    shard = broken / "en" / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # one token short
+    with pytest.raises(SystemExit, match="train shards hold .* tokens but .*meta.json says"):
+        common.open_shards(str(broken), "en", "train", enc_hash)
+    shard.write_bytes(b"")
+    with pytest.raises(SystemExit, match="train_000001.bin is empty or truncated"):
+        common.open_shards(str(broken), "en", "train", enc_hash)
+    shard.unlink()
+    out = train(tmp_path / "out", broken, *SMALL, expect_fail=True)  # the same check, through train.py
+    assert "train_000001.bin" in out.stderr and "is missing" in out.stderr and "Traceback" not in out.stderr
+    (broken / "ja" / "meta.json").unlink()
+    out = train(tmp_path / "out", broken, *SMALL, "--mixture={'ja': 1.0}", expect_fail=True)
+    assert "ja/meta.json is missing" in out.stderr
+
+
+def test_unknown_config_key_fails_at_start_up(tmp_path, data_dir):
+    out = train(tmp_path, data_dir, "configs/tiny.py", "--chekpoint_interval=5", expect_fail=True)
+    assert "unknown config key 'chekpoint_interval'" in out.stderr and "checkpoint_interval" in out.stderr
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_upcycled_moe_learns_and_its_experts_drift_apart(tmp_path, data_dir):
+    # TANUKI.md "Upcycling": dense training first, then 8 copies of its FFN (0.1% noise) trained on as an MoE
+    import torch
+    train(tmp_path / "dense", data_dir, *SMALL, "--max_iters=40")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), f"--init_from={tmp_path / 'dense' / 'model'}",
+                          f"--out_dir={tmp_path / 'upcycled'}", "--n_experts=4", "--moe_top_k=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    train(tmp_path / "moe", data_dir, *SMALL, f"--init_from={tmp_path / 'upcycled'}", "--max_iters=200",
+          "--log_interval=10", "--learning_rate=3e-3", "--warmup_iters=10")
+    dense_steps, _ = metrics(tmp_path / "dense")
+    moe_steps, _ = metrics(tmp_path / "moe")
+    # the upcycled model starts where the dense one ended (same function), then keeps learning
+    assert moe_steps[10]["loss"] < dense_steps[1]["loss"] - 1.0
+    assert moe_steps[200]["loss"] < moe_steps[10]["loss"] - 0.3, (moe_steps[10]["loss"], moe_steps[200]["loss"])
+
+    def expert_similarity(path):
+        """Mean cosine similarity between the experts' w_up of each layer (Tanuki plotted it after upcycling)."""
+        model = common.load_checkpoint(path)[0]
+        sims = []
+        for block in model.blocks:
+            w = torch.nn.functional.normalize(block.ffn.w_up.flatten(1), dim=1)
+            sims += [(w[i] @ w[j]).item() for i in range(4) for j in range(i + 1, 4)]
+        return float(np.mean(sims))
+
+    before, after = expert_similarity(tmp_path / "upcycled"), expert_similarity(tmp_path / "moe" / "model")
+    print(f"\nexpert cosine similarity: {before:.5f} after upcycling, {after:.5f} after 200 MoE steps; "
+          f"loss {dense_steps[40]['loss']:.3f} (dense, end) -> {moe_steps[200]['loss']:.3f} (MoE)")
+    assert before > 0.999 and after < before - 0.01
+
+
+def test_two_ranks_train_the_same_moe_as_one(tmp_path, data_dir):
+    args = SMALL + ["--max_iters=4", "--n_experts=4", "--moe_top_k=2", "--moe_z_loss_coef=0.001"]
+    train(tmp_path / "one", data_dir, *args)
+    train(tmp_path / "two", data_dir, *args, nproc=2)
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, step
+        assert abs(one[step]["grad_norm"] - two[step]["grad_norm"]) < 1e-4 * one[step]["grad_norm"], step
