@@ -120,19 +120,37 @@ def print0(*args, **kwargs):
 # -----------------------------------------------------------------------------
 # checkpoints every later stage loads: a directory with config.json, model.safetensors and the tokenizer
 
+def write_safetensors(path, tensors, dtype=None):
+    """Write {name: tensor} as one safetensors file, one tensor at a time, cast to `dtype` on the way.
+    safetensors.torch.save_file would first build the whole file in memory: a second copy of the model
+    (16 GB for Tanuki-8B in bf16). The format is an 8-byte header length, a JSON header, then raw bytes."""
+    dtype_names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
+    for name, t in tensors.items():
+        size = t.numel() * (dtype or t.dtype).itemsize
+        header[name] = {"dtype": dtype_names[dtype or t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(header).encode()
+    header += b" " * (-len(header) % 8)  # pad to 8 bytes, as safetensors does, so tensors stay aligned
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for t in tensors.values():
+            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().view(torch.uint8).numpy())
+
+
 def save_checkpoint(directory, model, enc, stage, extra=None):
     """Write model weights (safetensors), config.json (model shape, stage provenance, tokenizer hash) and the
     tokenizer files. Atomic: everything is written into a temporary sibling that is renamed into place, so a
     crash mid-write leaves the previous checkpoint intact and never a half-written one under `directory`."""
-    from safetensors.torch import save_file
     directory = os.path.abspath(directory)
     tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if model.cfg.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as embed.weight; safetensors refuses shared storage
-    save_file(state, os.path.join(tmp, "model.safetensors"))
+        del state["lm_head.weight"]  # the same tensor as embed.weight: stored once, tied again on load
+    write_safetensors(os.path.join(tmp, "model.safetensors"), state)
     save_tokenizer(enc, tmp)
     meta = {"model": asdict(model.cfg), "stage": stage, "tokenizer_hash": tokenizer_hash(enc),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}

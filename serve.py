@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from common import load_checkpoint, load_config, setup_distributed
+from common import load_checkpoint, load_config, setup_distributed, write_safetensors
 from tokenizer import render_chat, save_hf_tokenizer, special_id
 
 # -----------------------------------------------------------------------------
@@ -94,25 +94,6 @@ def hf_tensors(model):
     if model.cfg.tie_embeddings:
         del tensors["lm_head.weight"]  # HF re-ties it to embed_tokens from tie_word_embeddings
     return tensors
-
-
-def write_safetensors(path, tensors, dtype=None):
-    """Write {name: tensor} as one safetensors file, one tensor at a time, cast to `dtype` on the way.
-    safetensors.torch.save_file would first build the whole file in memory: a second copy of the model
-    (16 GB for Tanuki-8B in bf16). The format is an 8-byte header length, a JSON header, then raw bytes."""
-    dtype_names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
-    for name, t in tensors.items():
-        size = t.numel() * (dtype or t.dtype).itemsize
-        header[name] = {"dtype": dtype_names[dtype or t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header = json.dumps(header).encode()
-    header += b" " * (-len(header) % 8)  # pad to 8 bytes, as safetensors does, so tensors stay aligned
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().view(torch.uint8).numpy())
 
 
 def save_hf(model, enc, out_dir, dtype=None):
