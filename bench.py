@@ -10,7 +10,8 @@ Benchmarks. For now the kernels of kernels/ (issue 6); training throughput, memo
     python bench.py --batch_size=4 --seq_len=8192
 
 The shape defaults to one Tanuki-8B micro-batch (configs/8b.py: 4096 tokens, 32 heads of 128, 8 K/V heads,
-d_model 4096, vocab 65,536).
+d_model 4096, vocab 65,536); the MoE rows use one 8x8B layer on the same tokens (configs/8x8b.py: 8 experts of
+ffn 14,336, top-2).
 """
 
 import os
@@ -30,6 +31,9 @@ n_kv_head = 8
 head_dim = 128
 d_model = 4096
 vocab_size = 65536
+ffn_hidden = 14336    # the MoE layer: Tanuki-8x8B's experts
+n_experts = 8
+moe_top_k = 2
 dtype = "bfloat16"    # what the kernels run in on H100
 device = "auto"       # cuda if available
 warmup_ms = 100       # triton.testing.do_bench: milliseconds of warm-up, then of timed repeats
@@ -56,25 +60,41 @@ def kernel_costs():
     """(name, FLOPs, bytes) of one call of each kernel at the configured shape: the arithmetic the call must do
     and the fewest bytes it must move (each input read once, each output written once). Causal attention counts
     the half of the score matrix it computes; its backward does 2.5x the forward's products (FlashAttention-2's
-    convention: dV, dP, dQ, dK and the recomputed S, against S and PV)."""
+    convention: dV, dP, dQ, dK and the recomputed S, against S and PV). The MoE layer's grouped GEMMs are the
+    three expert products on the N*k routed rows (gate, up, down); their backward does twice that (d_input and
+    d_weight) and reads every expert's weights again."""
     B, T, H, H_kv, D, C, V = batch_size, seq_len, n_head, n_kv_head, head_dim, d_model, vocab_size
+    F_, E, k = ffn_hidden, n_experts, moe_top_k
     e = torch.finfo(getattr(torch, dtype)).bits // 8
     N = B * T
     q_bytes, kv_bytes = N * H * D * e, N * H_kv * D * e
     attn_fwd = 4 * B * H * T * T * D / 2
     ce_flops = 6 * N * C * V  # logits, then their gradient times W (for dx) and times x (for dW)
+    rows = N * k  # routed (token, expert) rows
+    moe_flops = 3 * 2 * rows * C * F_
+    # weights once; x rows read for gate and up, g and u written, h read, the down product written
+    moe_bytes = 3 * E * F_ * C * e + 2 * rows * C * e + 3 * rows * F_ * e + rows * C * e
     return [
         ("attention fwd (causal)", attn_fwd, 2 * q_bytes + 2 * kv_bytes + N * H * 4),
         ("attention bwd (causal)", 2.5 * attn_fwd, 4 * q_bytes + 4 * kv_bytes + 2 * N * H * 4),
         ("rmsnorm fwd", 4 * N * C, 2 * N * C * e + C * e),
         ("rmsnorm bwd", 8 * N * C, 3 * N * C * e + 2 * C * e),
         ("linear + cross-entropy fwd+bwd", ce_flops, 2 * N * C * e + 2 * V * C * e + N * 8),
+        # float32 logits in, probs out, k (id, gate) pairs out; about 5 operations per score (max, exp, sum,
+        # divide, compare)
+        ("moe router top-k", 5 * N * E, 2 * N * E * 4 + N * k * 12),
+        # the int64 expert ids read twice (count, rank), each row's position and assignment written as int32
+        ("moe permute + gather", 0, N * k * 24 + N * C * e + rows * C * e),
+        ("moe grouped GEMM fwd (3 products)", moe_flops, moe_bytes),
+        ("moe grouped GEMM bwd (3 products)", 2 * moe_flops, 2 * moe_bytes + 3 * E * F_ * C * e),
+        ("moe combine", 2 * rows * C, rows * C * e + N * C * e + N * k * 8),
     ]
 
 
 def analytic_report():
     print(f"no GPU: measured nothing. Analytic cost of one call at batch {batch_size} x {seq_len} tokens, "
-          f"{n_head} heads ({n_kv_head} K/V) of {head_dim}, d_model {d_model}, vocab {vocab_size}, {dtype}.")
+          f"{n_head} heads ({n_kv_head} K/V) of {head_dim}, d_model {d_model}, vocab {vocab_size}, "
+          f"MoE {n_experts} experts x ffn {ffn_hidden} top-{moe_top_k}, {dtype}.")
     print("The floors are what an H100 SXM could not beat at its data-sheet rates "
           f"({common.PEAK_BF16_FLOPS['H100 SXM'] / 1e12:.0f} TFLOP/s bf16, {H100_BYTES_PER_S / 1e12:.2f} TB/s).")
     print(f"{'kernel':34s} {'GFLOP':>10s} {'MB':>10s} {'FLOP/byte':>10s} {'floor us':>10s} {'bound':>8s}")
@@ -92,6 +112,7 @@ def gpu_report(dev):
     from triton.testing import do_bench
 
     import kernels
+    import moe
     from kernels import attention, cross_entropy, rmsnorm
     dt = getattr(torch, dtype)
     peak = common.peak_flops(torch.cuda.get_device_name(dev))
@@ -110,6 +131,12 @@ def gpu_report(dev):
     x, w, dy = randn(B * T, C), (1 + 0.1 * randn(C, grad=False)).requires_grad_(), randn(B * T, C, grad=False)
     lm_w = (randn(V, C, grad=False) * 0.02).requires_grad_()
     targets = torch.randint(0, V, (B * T,), device=dev)
+    # one 8x8B MoE layer on the same tokens, routed by the PyTorch router on random logits
+    experts, gates, _ = moe.route(torch.randn(B * T, n_experts, device=dev), moe_top_k, "topk_softmax")
+    gates.requires_grad_()
+    moe_weights = [(0.02 * randn(n_experts, *shape, grad=False)).requires_grad_()
+                   for shape in ((ffn_hidden, C), (ffn_hidden, C), (C, ffn_hidden))]  # w_gate, w_up, w_down
+    moe_args = (x, experts, gates, *moe_weights)
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != H_kv)
@@ -135,6 +162,10 @@ def gpu_report(dev):
          fwd_bwd(lambda x, w: rmsnorm.reference(x, w, 1e-5), (x, w), dy), total("rmsnorm fwd", "rmsnorm bwd")),
         ("linear + cross-entropy fwd+bwd", loss_bwd(cross_entropy.linear_cross_entropy),
          loss_bwd(cross_entropy.reference), total("linear + cross-entropy fwd+bwd")),
+        ("moe layer fwd+bwd (vs expert loop)", fwd_bwd(kernels.moe_ffn, moe_args, dy),
+         fwd_bwd(moe.expert_loop, moe_args, dy),
+         total("moe permute + gather", "moe grouped GEMM fwd (3 products)", "moe grouped GEMM bwd (3 products)",
+               "moe combine")),
     ]
     print(f"{torch.cuda.get_device_name(dev)}, {dtype}, batch {B} x {T} tokens, heads {H}/{H_kv} x {D}, "
           f"d_model {C}, vocab {V}; median of do_bench")

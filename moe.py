@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 ROUTER_MODES = ("topk_softmax", "softmax_topk", "softmax_topk_renorm")
 
 
@@ -38,6 +40,8 @@ def route(logits, top_k, mode, bias=None):
     `bias` (E,) shifts the scores that pick the experts, never the gates (auxiliary-loss-free balancing)."""
     if mode not in ROUTER_MODES:
         raise ValueError(f"unknown moe_router '{mode}': use one of {ROUTER_MODES}")
+    if kernels.use_triton(logits):  # on CUDA one fused kernel does all of the below (kernels/moe.py)
+        return kernels.moe_route(logits, top_k, mode, bias)
     probs = logits.softmax(dim=-1)
     # softmax is monotonic, so picking on probs picks the same experts as on logits; the bias is added to probs
     # because that is the scale DeepSeek-V3's update step is tuned for (affinity scores in [0, 1])
@@ -86,6 +90,8 @@ def expert_loop(x, experts, gates, w_gate, w_up, w_down, capacity=None):
 def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
     """Dropless (unless `capacity` is set) dispatch: sort the N*k assignments by expert so that each expert's
     tokens are one contiguous slice, run each expert on its slice, and add the gated outputs back by token."""
+    if kernels.use_triton(x):  # on CUDA: kernels/moe.py, whose reference is the rest of this function
+        return kernels.moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
     N, k = experts.shape
     E = w_gate.size(0)
     flat = experts.reshape(-1)                              # (N*k,) expert of each assignment
@@ -98,8 +104,8 @@ def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
         order = order[rank < capacity]
         counts = counts.clamp(max=capacity)
     token = order // k                                      # which token each sorted assignment belongs to
-    # ---- kernels/moe.py plugs in here on CUDA (issue "kernels"): the permutation (gather of x in expert order
-    # and its inverse) and a grouped GEMM over the variable-size expert slices, without padding every expert
+    # ---- on CUDA kernels/moe.py does this part too (dispatched above): the permutation (gather of x in expert
+    # order and its inverse) and a grouped GEMM over the variable-size expert slices, without padding every expert
     # to the largest. The loop below is its reference: E small matmuls on contiguous slices.
     xs = x[token]                                           # (assignments kept, d) in expert order
     outs = [swiglu(chunk, w_gate[e], w_up[e], w_down[e])

@@ -1,37 +1,62 @@
 """
-Talk to a checkpoint in the terminal, or export it to Hugging Face format for transformers and vLLM.
+Serve a checkpoint over an OpenAI-compatible HTTP API, talk to it in the terminal, or export it to Hugging Face
+format for transformers and vLLM.
 
-    python serve.py --init_from=out/sft                             # chat in the terminal (the default mode)
-    python serve.py --init_from=out/sft --system_prompt="あなたは親切なアシスタントです。"
-    python serve.py --init_from=out/sft --temperature=0             # greedy
-    printf 'こんにちは\\n/quit\\n' | python serve.py --init_from=out/sft  # scripted: one reply per input line
+    python serve.py --init_from=out/sft                             # HTTP on 127.0.0.1:8000 (the default mode)
+    python serve.py --init_from=out/sft --port=8001 --model_name=tanuki-tiny
+    python serve.py --init_from=out/sft --chat                      # chat in the terminal
+    python serve.py --init_from=out/sft --chat --system_prompt="あなたは親切なアシスタントです。"
+    python serve.py --init_from=out/sft --chat --temperature=0      # greedy
+    printf 'こんにちは\\n/quit\\n' | python serve.py --init_from=out/sft --chat  # scripted: a reply per line
     python serve.py --init_from=out/sft --export_hf=out/hf          # Llama format, then exit
     python serve.py --init_from=out/sft --export_hf=out/hf --dtype=bfloat16
 
+HTTP: POST /v1/chat/completions (our chat template applied to `messages`), POST /v1/completions (raw text, continued),
+GET /v1/models; `stream: true` answers with server-sent events as OpenAI does. Any OpenAI client works:
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "こんにちは"}]}'
+    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model="sft", messages=...)
+Sampling: temperature, top_p, top_k, max_tokens, stop, n, seed. One thread owns the model and runs the requests
+waiting at the start of each generation as one left-padded batch; see Server.
+
 Chat: each line you type is a user message; the reply streams to stdout, everything else goes to stderr, so
-`serve.py < questions.txt > answers.txt` keeps only the answers. `/reset` forgets the conversation (the system
+`serve.py --chat < questions.txt > answers.txt` keeps only the answers. `/reset` forgets the conversation (the system
 prompt stays), `/quit` or end of input (Ctrl-D) exits, Ctrl-C stops a reply that runs on.
 """
 
 import codecs
 import json
 import os
+import queue
 import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
 from common import load_checkpoint, load_config, setup_distributed, write_safetensors
-from tokenizer import render_chat, save_hf_tokenizer, special_id
+from tokenizer import ROLES, render_chat, save_hf_tokenizer, special_id
 
 # -----------------------------------------------------------------------------
 init_from = "out/sft"   # a checkpoint directory written by common.save_checkpoint (any stage)
 export_hf = ""          # a directory: write the checkpoint there in Hugging Face Llama format and exit
+chat = False            # chat in the terminal instead of serving HTTP
 device = "auto"         # cuda if available, else cpu
-dtype = "auto"          # chat: bfloat16 on CUDA, float32 on CPU; export: "auto" keeps the checkpoint's dtype
+dtype = "auto"          # chat and HTTP: bfloat16 on CUDA, float32 on CPU; export: "auto" keeps the checkpoint's dtype
 seed = 1337
+# HTTP server
+host = "127.0.0.1"      # this machine only: the server has no authentication. 0.0.0.0 opens it to the network
+port = 8000             # vLLM's default, so a client configured for a local vLLM finds us; 0: any free port
+model_name = ""         # the model id /v1/models reports; "" -> the checkpoint directory's name
+max_tokens_cap = 2048   # the most tokens one choice may generate, whatever a request asks for
+max_n = 8               # the most choices one request may ask for
+max_batch_size = 32     # the most sequences (requests x n) generated together
+max_request_bytes = 1_000_000  # a larger body is refused before it is read
+# terminal chat; common chat sampling settings, not the recipe's (TANUKI.md gives none); temperature 0 is greedy
 system_prompt = ""      # the first message of every conversation when not empty
 max_new_tokens = 512
-# common chat sampling settings, not the recipe's (TANUKI.md gives none for chat); temperature 0 is greedy
 temperature = 0.7
 top_k = 0               # 0: off
 top_p = 0.9             # 1.0: off
@@ -171,6 +196,363 @@ def stream_reply(model, enc, prompt, max_new_tokens, out=sys.stdout, **sampling)
     return text + tail
 
 
+# -----------------------------------------------------------------------------
+# OpenAI-compatible HTTP server
+
+ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: the HTTP status and the message the client reads."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def option(body, key, default, types, ok, rule):
+    """body[key], or `default` when it is absent or null (some clients send every field); a RequestError that
+    states the rule when the value breaks it."""
+    value = body.get(key)
+    if value is None:
+        return default
+    # bool is an int in Python: "max_tokens": true must not pass as 1
+    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool) or not ok(value):
+        raise RequestError(f"'{key}' must be {rule}, got {json.dumps(value)[:100]}")
+    return value
+
+
+class Choice:
+    """One of a request's n answers, built token by token by the worker thread."""
+
+    def __init__(self, job, index):
+        self.job, self.index = job, index
+        # a token can end inside a character (a kanji is 3 bytes): the decoder keeps the bytes until it is whole
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent, self.tokens, self.finish_reason = "", 0, 0, None
+
+    def add(self, token, enc, stop_ids):
+        self.tokens += 1
+        if token in stop_ids:
+            return self.finish("stop")
+        old = len(self.text)
+        self.text += self.utf8.decode(enc.decode_single_token_bytes(token))
+        # a stop string completed by this token starts at most `hold` characters before the new text
+        found = [i for i in (self.text.find(s, max(0, old - self.job.hold)) for s in self.job.stop) if i >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            return self.finish("stop", flush=False)
+        if self.tokens == self.job.max_tokens:
+            return self.finish("length")
+        # hold back what may yet turn out to be the start of a stop string: a client never sees a stop string,
+        # and the streamed pieces add up to exactly the non-streamed text
+        self.emit(len(self.text) - self.job.hold)
+
+    def emit(self, end):
+        if self.job.stream and end > self.sent:
+            self.job.events.put(("delta", self.index, self.text[self.sent:end]))
+            self.sent = end
+
+    def finish(self, reason, flush=True):
+        if flush:  # a character cut off by the end shows as U+FFFD, as in the terminal chat
+            self.text += self.utf8.decode(b"", final=True)
+        self.finish_reason = reason
+        self.emit(len(self.text))
+        if self.job.stream:
+            self.job.events.put(("finish", self.index, reason))
+
+
+class Job:
+    """One validated request: its prompt ids, its sampling settings, and its choices as they are generated.
+    The worker thread reports to the handler thread through `events`."""
+
+    def __init__(self, server, path, body):
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        enc, max_seq_len = server.enc, server.model.cfg.max_seq_len
+        self.chat = path == "/v1/chat/completions"
+        if self.chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...}")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise RequestError(f"messages[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": a "
+                                       f"string}}, got {json.dumps(m)[:100]}")
+            self.prompt, _ = render_chat(enc, messages, add_generation_prompt=True)
+        else:
+            text = option(body, "prompt", None, str, lambda v: True, "a string")
+            if text is None:
+                raise RequestError("'prompt' is required: the text to continue")
+            # a document starts with <|bos|> in pretraining; encode_ordinary keeps "<|end|>" in the text as text
+            self.prompt = [special_id(enc, "<|bos|>")] + enc.encode_ordinary(text)
+        room = max_seq_len - len(self.prompt)
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = option(body, key, None, int, lambda v: v >= 1, "an integer >= 1")
+        if asked is None:  # as long as the context allows (OpenAI's meaning), within the cap
+            self.max_tokens = min(server.max_tokens_cap, room)
+        else:  # over the cap: cut to it, as a policy of this server; finish_reason "length" tells the client
+            self.max_tokens = min(asked, server.max_tokens_cap)
+        # only a request that cannot fit in the context is refused: model.stream could not run it
+        if self.max_tokens < 1 or self.max_tokens > room:
+            raise RequestError(f"the prompt ({len(self.prompt)} tokens) + {key} ({asked or 1}) exceed the model's "
+                               f"context of {max_seq_len} tokens")
+        # OpenAI's defaults (temperature 1, top_p 1), not the terminal chat's
+        temperature = option(body, "temperature", 1.0, (int, float), lambda v: v >= 0, "a number >= 0")
+        top_p = option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")
+        top_k = option(body, "top_k", 0, int, lambda v: True, "an integer (0 or -1: off, as vLLM)")
+        seed = option(body, "seed", None, int, lambda v: True, "an integer")
+        self.n = option(body, "n", 1, int, lambda v: 1 <= v <= server.max_n, f"an integer from 1 to {server.max_n}")
+        stop = option(body, "stop", [], (str, list), lambda v: all(isinstance(s, str) and s for s in
+                      ([v] if isinstance(v, str) else v)), "a non-empty string or a list of them")
+        self.stop = [stop] if isinstance(stop, str) else stop
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.stream = option(body, "stream", False, bool, lambda v: True, "true or false")
+        stream_options = option(body, "stream_options", {}, dict, lambda v: True, "an object")
+        self.include_usage = stream_options.get("include_usage") is True
+        if temperature == 0:  # greedy: nothing else matters, and every greedy request can share a batch
+            self.sampling, self.batch_key = {"temperature": 0}, (0,)
+        else:
+            self.sampling = {"temperature": temperature, "top_k": top_k if top_k > 0 else None, "top_p": top_p,
+                             "seed": seed}
+            # a seeded request runs alone: its rows' draws from the batch's one generator would depend on who else
+            # is in the batch. Unseeded ones that sample alike share one
+            self.batch_key = (temperature, top_k, top_p) if seed is None else self
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created, self.model_name = int(time.time()), server.model_name
+        self.choices = [Choice(self, i) for i in range(self.n)]
+        self.events, self.cancelled, self.batch_size = queue.SimpleQueue(), False, 0
+
+    def head(self, obj):
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
+
+    def chunk(self, index, text="", finish_reason=None, first=False):
+        """One streamed piece of one choice, in OpenAI's format."""
+        if not self.chat:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {**self.head("text_completion"), "choices": [choice]}
+        delta = {"role": "assistant", "content": ""} if first else {"content": text} if text else {}
+        return {**self.head("chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def usage(self):
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
+                "total_tokens": len(self.prompt) + completion}
+
+    def result(self):
+        """The whole non-streamed answer."""
+        if self.chat:
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                        "finish_reason": c.finish_reason} for c in self.choices]
+        else:
+            choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                       for c in self.choices]
+        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": self.usage()}
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection parses and validates, one worker thread owns the model.
+    The worker takes the oldest waiting request and every other waiting one that samples alike, and generates them
+    as one left-padded batch (model.stream). Requests that arrive meanwhile wait for the next batch: simpler than
+    vLLM's continuous batching, which adds sequences to a batch already running, and still one forward pass for
+    all the clients waiting, where a lock would run them one after another."""
+    daemon_threads = True  # a client that never reads its answer does not keep the process alive at exit
+
+    def __init__(self, model, enc, host="127.0.0.1", port=0, model_name="nanotanuki", max_tokens_cap=2048,
+                 max_n=8, max_batch_size=32, max_request_bytes=1_000_000):
+        super().__init__((host, port), Handler)
+        self.model, self.enc, self.model_name = model, enc, model_name
+        self.max_tokens_cap, self.max_n, self.max_batch_size = max_tokens_cap, max_n, max_batch_size
+        self.max_request_bytes, self.created = max_request_bytes, int(time.time())
+        # a chat turn ends with <|end|>, a document with <|eos|>: stop at either, as the exported generation config
+        self.stop_ids = (special_id(enc, "<|end|>"), special_id(enc, "<|eos|>"))
+        self.pad_id = special_id(enc, "<|pad|>")
+        self.pending, self.ready, self.closing = [], threading.Condition(), False
+        threading.Thread(target=self.work, daemon=True).start()
+
+    def submit(self, job):
+        with self.ready:
+            self.pending.append(job)
+            self.ready.notify()
+
+    def take_batch(self):
+        """Remove from `pending` and return the oldest job and the waiting jobs that can share its batch: the same
+        sampling, the longest prompt + the most steps within the context (model.stream), at most max_batch_size
+        rows. The oldest always goes first, so no request waits behind younger ones forever. Called locked."""
+        first = self.pending.pop(0)
+        batch, rows, longest, steps = [first], first.n, len(first.prompt), first.max_tokens
+        for job in list(self.pending):
+            if (job.batch_key == first.batch_key and rows + job.n <= self.max_batch_size
+                    and max(longest, len(job.prompt)) + max(steps, job.max_tokens) <= self.model.cfg.max_seq_len):
+                batch.append(job)
+                self.pending.remove(job)
+                rows, longest, steps = rows + job.n, max(longest, len(job.prompt)), max(steps, job.max_tokens)
+        return batch
+
+    def work(self):
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.pending or self.closing)
+                if self.closing:
+                    return
+                batch = self.take_batch()
+            rows = [choice for job in batch for choice in job.choices]  # a job's n choices are n rows
+            live = list(batch)
+            for job in batch:
+                job.batch_size = len(batch)
+            try:
+                steps = max(job.max_tokens for job in batch)
+                for step in self.model.stream([c.job.prompt for c in rows], steps, stop_tokens=self.stop_ids,
+                                              pad_id=self.pad_id, **batch[0].sampling):
+                    for choice, token in zip(rows, step):
+                        if token is not None and choice.finish_reason is None:
+                            choice.add(token, self.enc, self.stop_ids)
+                    # a job answers as soon as its own choices are done, not when the longest in its batch is
+                    for job in [job for job in live if all(c.finish_reason for c in job.choices)]:
+                        job.events.put(("done",))
+                        live.remove(job)
+                    if all(job.cancelled for job in live):  # nobody waits for the rest: stop the batch early
+                        break
+            except Exception as e:  # noqa: BLE001  the clients of this batch get a 500; the server goes on
+                traceback.print_exc()
+                for job in live:
+                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    def server_close(self):
+        super().server_close()
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+
+
+class Handler(BaseHTTPRequestHandler):
+    # HTTP/1.0 (BaseHTTPRequestHandler's default): one request per connection, so a streamed answer simply ends
+    # when the connection closes, with no chunked transfer encoding to write
+    server_version = "nanotanuki"
+
+    def log_request(self, code="-", size="-"):
+        pass  # route() logs each request once it is answered, with its tokens and time
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def do_PATCH(self):
+        self.route("PATCH")
+
+    def route(self, method):
+        t0, self.status, job = time.time(), None, None
+        try:
+            path = self.path.partition("?")[0]
+            if path not in ROUTES:
+                raise RequestError(f"no route {path}; this server has {', '.join(ROUTES)}", 404)
+            if method != ROUTES[path]:
+                raise RequestError(f"{path} takes {ROUTES[path]}, not {method}", 405)
+            if path == "/v1/models":
+                cfg = self.server.model.cfg
+                return self.send_json(200, {"object": "list", "data": [
+                    {"id": self.server.model_name, "object": "model", "created": self.server.created,
+                     "owned_by": "nanotanuki", "max_model_len": cfg.max_seq_len}]})
+            job = Job(self.server, path, self.read_json())
+            self.server.submit(job)
+            if job.stream:
+                self.send_stream(job)
+            else:
+                kind, *error = job.events.get()  # a non-streamed job gets "done" or "error" only
+                if kind == "error":
+                    return self.send_error_json(500, error[0], "server_error")
+                self.send_json(200, job.result())
+        except RequestError as e:
+            self.send_error_json(e.status, str(e))
+        except (BrokenPipeError, ConnectionResetError):  # the client left: its rows stop at the next step
+            if job:
+                job.cancelled = True
+            self.status = self.status or 499  # nginx's code for "client closed the request", for the log only
+        except Exception as e:  # noqa: BLE001  a bug of ours: the client gets a 500, the server goes on
+            traceback.print_exc()
+            if self.status is None:
+                self.send_error_json(500, f"{type(e).__name__}: {e}", "server_error")
+        finally:
+            tokens = ""
+            if job and self.status == 200:
+                usage = job.usage()
+                tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}"
+                tokens += f" batch={job.batch_size}"  # requests generated together with this one, itself included
+            ms = (time.time() - t0) * 1000
+            sys.stderr.write(f"{self.command} {self.path} {self.status}{tokens} {ms:.0f}ms\n")
+
+    def read_json(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise RequestError("Content-Length is not a number") from None
+        # checked before reading: a client cannot make the server hold a body of any size in memory
+        if length > self.server.max_request_bytes:
+            raise RequestError(f"the body is {length} bytes, more than the {self.server.max_request_bytes} "
+                               f"this server accepts", 413)
+        try:
+            return json.loads(self.rfile.read(length))
+        except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+            raise RequestError(f"the body is not valid JSON: {e}") from None
+
+    def send_json(self, status, obj, headers=()):
+        body = json.dumps(obj, ensure_ascii=False).encode()
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, status, message, kind="invalid_request_error"):
+        # 405 names the method that works, as HTTP asks
+        allow = [("Allow", ROUTES[self.path.partition("?")[0]])] if status == 405 else []
+        self.send_json(status, {"error": {"message": message, "type": kind, "code": status}}, allow)
+
+    def send_stream(self, job):
+        self.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        if job.chat:  # OpenAI's first chunk of each choice names the role
+            for i in range(job.n):
+                self.send_event(job.chunk(i, first=True))
+        while True:
+            kind, *args = job.events.get()
+            if kind == "delta":
+                self.send_event(job.chunk(args[0], text=args[1]))
+            elif kind == "finish":
+                self.send_event(job.chunk(args[0], finish_reason=args[1]))
+            elif kind == "error":  # the status line is sent already: the error travels as an event, as OpenAI's
+                self.status = 500
+                self.send_event({"error": {"message": args[0], "type": "server_error", "code": 500}})
+                break
+            else:
+                if job.include_usage:
+                    # OpenAI's stream_options.include_usage: one more chunk, with no choices
+                    chunk = job.chunk(0)
+                    self.send_event({**chunk, "choices": [], "usage": job.usage()})
+                break
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def send_event(self, obj):
+        # a server-sent event; the socket is unbuffered (wfile), so each reaches the client as it is written
+        self.wfile.write(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode())
+
+
 if __name__ == "__main__":
     if export_hf:
         # renaming and writing needs no accelerator: load on the CPU, where the host memory is
@@ -186,6 +568,20 @@ if __name__ == "__main__":
     torch.manual_seed(seed)  # once: replies differ from each other, the whole session is reproducible
     model, enc, meta = load_checkpoint(init_from, device=device, dtype=DTYPES[dtype])
     model.eval()
+    about = f"{init_from}: {meta['stage']} checkpoint, {model.num_params():,} parameters, {device}, {dtype}."
+    if not chat:
+        name = model_name or os.path.basename(os.path.normpath(init_from))
+        server = Server(model, enc, host, port, name, max_tokens_cap, max_n, max_batch_size, max_request_bytes)
+        # the bound port (port=0 picks a free one), flushed: scripts and tests read it from here
+        print(f"{about} Serving '{name}' at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops).",
+              file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        server.server_close()
+        sys.exit(0)
+
     # model.stream refuses prompt + max_new_tokens > max_seq_len: the rendered conversation gets the rest
     budget = model.cfg.max_seq_len - max_new_tokens
     if budget < 8:
@@ -193,8 +589,7 @@ if __name__ == "__main__":
     sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages = list(system)
-    print(f"{init_from}: {meta['stage']} checkpoint, {model.num_params():,} parameters, {device}, {dtype}. "
-          f"/reset clears the conversation, /quit exits.", file=sys.stderr)
+    print(f"{about} /reset clears the conversation, /quit exits.", file=sys.stderr)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (input() then edits the line and keeps a history: arrow keys, Ctrl-R)
     while True:

@@ -25,7 +25,7 @@ if ! $PYTHON -c "import torch, numpy, tiktoken, tqdm, rustbpe, safetensors" 2>/d
 fi
 
 # a fresh run each time: the tiny run's stage outputs are cleared (metrics.jsonl would otherwise keep growing)
-rm -rf "$OUT/data" "$OUT/train" "$OUT/upcycle" "$OUT/train_moe"
+rm -rf "$OUT/data" "$OUT/train" "$OUT/upcycle" "$OUT/train_moe" "$OUT/synth"
 
 # 1. data: the built-in corpus (stdlib docstrings + code, template Japanese) -> cleaned, deduplicated uint16 shards,
 #    with a 4096-id BPE trained on a sample of the cleaned text (prepare_data.py's defaults are the tiny run)
@@ -38,5 +38,8 @@ stage pretrain $PYTHON train.py configs/tiny.py --data_dir="$OUT/data" --out_dir
 stage upcycle $PYTHON upcycle.py --init_from="$OUT/train/model" --out_dir="$OUT/upcycle"
 stage moe_train $PYTHON train.py configs/tiny.py configs/tiny_moe.py --init_from="$OUT/upcycle" \
     --data_dir="$OUT/data" --out_dir="$OUT/train_moe"
+
+# 4. synthetic data: the offline teacher (verifiable ja/en tasks with known answers) -> chat JSONL for SFT and DPO
+stage synth $PYTHON synth.py --out_dir="$OUT/synth"
 
 echo; echo "speedrun finished: outputs in $OUT/"

@@ -4,6 +4,7 @@ Triton kernels, each beside the plain-PyTorch reference of the same function (DE
     attention.py      flash attention, forward + backward, causal, grouped-query
     rmsnorm.py        fused RMSNorm, forward + backward
     cross_entropy.py  chunked fused lm_head + cross-entropy (no (tokens, vocab) logits)
+    moe.py            MoE routing: fused router top-k, permutation into expert order, grouped GEMM, combine
     aot.py            compile all of them for H100 without a GPU; `python bench.py --aot` prints the report
 
 Which implementation runs: the Triton kernels for CUDA tensors, PyTorch elsewhere. NANOTANUKI_KERNELS=torch forces
@@ -43,3 +44,13 @@ def rms_norm(x, weight, eps):
 def linear_cross_entropy(x, weight, targets, loss_mask=None):
     from kernels.cross_entropy import linear_cross_entropy
     return linear_cross_entropy(x, weight, targets, loss_mask)
+
+
+def moe_route(logits, top_k, mode, bias=None):
+    from kernels.moe import route
+    return route(logits, top_k, mode, bias)
+
+
+def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    from kernels.moe import moe_ffn
+    return moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)

@@ -24,9 +24,9 @@ SMEM_LIMIT = 227 * 1024  # shared memory one block may use on compute capability
 def spec(name, config, fn, pointers, constexprs, num_warps, num_stages, matmul, floats=(), small=()):
     """One kernel to compile. `pointers` maps each pointer argument to its element type ("bf16", "fp32", "i64");
     `floats` names the float scalars; `small` the ints not divisible by 16 at production shapes (the 4 query heads
-    per K/V head). Every other argument is an int32 that Triton, at run time, would see to be divisible by 16
-    (pointers, strides and lengths of production shapes), so it gets the same hint here: without it the compiler
-    cannot prove 16-byte alignment and emits narrower loads than the real kernel would."""
+    per K/V head, the 8 experts). Every other argument is an int32 that Triton, at run time, would see to be
+    divisible by 16 (pointers, strides and lengths of production shapes), so it gets the same hint here: without it
+    the compiler cannot prove 16-byte alignment and emits narrower loads than the real kernel would."""
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -41,8 +41,8 @@ def spec(name, config, fn, pointers, constexprs, num_warps, num_stages, matmul, 
 
 
 def specs():
-    from kernels import attention, cross_entropy, rmsnorm
-    return attention.aot_specs() + rmsnorm.aot_specs() + cross_entropy.aot_specs()
+    from kernels import attention, cross_entropy, moe, rmsnorm
+    return attention.aot_specs() + rmsnorm.aot_specs() + cross_entropy.aot_specs() + moe.aot_specs()
 
 
 def ptxas_path():

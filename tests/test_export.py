@@ -139,7 +139,7 @@ def run_serve(*args, stdin=""):
 
 def test_chat_runs_in_a_terminal_session(tmp_path, enc):
     ckpt = checkpoint(tmp_path / "ckpt", enc)
-    result = run_serve(f"--init_from={ckpt}", "--max_new_tokens=5", "--system_prompt=丁寧に答えて",
+    result = run_serve(f"--init_from={ckpt}", "--chat", "--max_new_tokens=5", "--system_prompt=丁寧に答えて",
                        stdin="こんにちは\n\n/reset\nhello\n/quit\nnever read\n")
     assert result.returncode == 0, result.stderr.decode()
     replies = result.stdout.decode("utf-8").split("\n")

@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -18,10 +19,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+import moe  # noqa: E402
 from kernels import attention, cross_entropy, rmsnorm  # noqa: E402
+from kernels import moe as kmoe  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
-for _module in (attention, rmsnorm, cross_entropy):
+for _module in (attention, rmsnorm, cross_entropy, kmoe):
     importlib.reload(_module)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +124,103 @@ def test_fused_cross_entropy_matches_reference(dtype):
 
 
 # -----------------------------------------------------------------------------
+# MoE routing
+
+@pytest.mark.parametrize("n_experts, top_k", [(6, 2), (64, 8)])  # 6: not a power of two; 64 x top-8: the limits
+@pytest.mark.parametrize("mode", moe.ROUTER_MODES)
+def test_fused_router_equals_route(mode, n_experts, top_k):
+    """Same experts in the same order, same gates and probs, and the same gradient to the logits through both the
+    gates and the probs (the balance loss differentiates the probs), with and without a selection bias."""
+    torch.manual_seed(n_experts)
+    logits = 2 * torch.randn(45, n_experts)  # 45 tokens: the router's last block of tokens is masked
+    for bias in (None, 0.05 * torch.randn(n_experts)):
+        ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ours, ref = kmoe.route(ours_in, top_k, mode, bias), moe.route(ref_in, top_k, mode, bias)
+        assert torch.equal(ours[0], ref[0])
+        for a, b in zip(ours[1:], ref[1:]):
+            assert max_rel_err(a, b) <= 1e-6
+        d_gates, d_probs = torch.randn(45, top_k), torch.randn(45, n_experts)
+        grads = [torch.autograd.grad((g * d_gates).sum() + (p * d_probs).sum(), x)[0]
+                 for (_, g, p), x in ((ours, ours_in), (ref, ref_in))]
+        assert max_rel_err(*grads) <= 1e-5
+
+
+def skewed_experts():
+    """29 tokens x top-2 over 5 experts: experts 0, 2 and 4 get many tokens, 1 none and 3 exactly one."""
+    torch.manual_seed(0)
+    experts = torch.tensor([[0, 2], [2, 4], [4, 0]])[torch.randint(0, 3, (29,))]
+    experts[7, 1] = 3
+    return experts
+
+
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_permutation_then_inverse_is_identity(capacity):
+    """The counting sort gives the stable argsort's order, offsets and drops (moe.expert_sorted's), each kept
+    assignment's position and the row holding it are inverse maps, and gathering x into expert order and combining
+    it back with gates (1, 0) returns x bit for bit."""
+    experts = skewed_experts()
+    position, sorted_assign, offsets = kmoe.permute(experts, 5, capacity)
+    for ours, ref in zip((position, sorted_assign, offsets), kmoe.permute_reference(experts, 5, capacity)):
+        assert torch.equal(ours, ref)
+    counts = offsets[1:] - offsets[:-1]
+    assert counts[1] == 0 and counts[3] == 1 and (capacity is None or counts.max() == capacity)
+    kept = position >= 0
+    assert torch.equal(sorted_assign[position[kept].long()], torch.arange(58, dtype=torch.int32)[kept])
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(29, 40, dtype=dtype)
+        xs = kmoe.Gather.apply(x, position, sorted_assign, 2)
+        rows = int(offsets[-1])
+        assert torch.equal(xs[:rows], x[sorted_assign[:rows].long() // 2]) and not xs[rows:].any()
+        first = torch.tensor([[1.0, 0.0]]).expand(29, 2)
+        back = kmoe.Combine.apply(xs, first, position, sorted_assign)
+        # capacity may drop a token's first assignment: those rows come back as zeros
+        assert torch.equal(back, torch.where(kept.view(29, 2)[:, :1], x, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_gemm_equals_per_expert_loop(dtype):
+    """Forward, d_input and d_weight over groups of 0, 1, 17, 0 and 33 rows (one expert tile holds 16 rows under
+    the interpreter, so groups end mid-tile), with K = 40 and N = 48 not multiples of the blocks."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([0, 0, 1, 18, 18, 51], dtype=torch.int32)
+    x = torch.randn(51, 40, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(5, 48, 40)).to(dtype).requires_grad_()
+    check_against_float64(lambda x, w: kmoe.grouped_mm_reference(x, w, offsets),
+                          lambda x, w: kmoe.grouped_mm(x, w, offsets), (x, w), torch.randn(51, 48, dtype=dtype),
+                          dtype)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])  # dropless, and a capacity that drops assignments
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_moe_layer_with_kernels_equals_reference(monkeypatch, dtype, capacity_factor):
+    """moe.MoE through the kernels (router, permutation, grouped GEMMs, combine) gives the PyTorch path's output,
+    and the same gradients to the input and every parameter, with the balance and z losses in the loss."""
+    torch.manual_seed(0)
+    layer = moe.MoE(SimpleNamespace(d_model=32, ffn_hidden=48, n_experts=6, moe_top_k=2,
+                                    moe_router="softmax_topk_renorm", moe_capacity_factor=capacity_factor,
+                                    moe_bias_update_rate=1e-3))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer.expert_bias.normal_(std=0.02)
+    layer.to(dtype)
+    x = torch.randn(2, 13, 32, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 13, 32, dtype=dtype)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("NANOTANUKI_KERNELS", backend)
+        layer.zero_grad()
+        y = layer(x)
+        loss = (y.float() * dy.float()).sum() + layer.aux_loss + layer.z_loss
+        grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+        results[backend] = y, grads, layer.stats["dropped"]
+    (y_ref, grads_ref, dropped), (y, grads, dropped_kernels) = results["torch"], results["triton"]
+    assert dropped == dropped_kernels and (dropped > 0) == (capacity_factor > 0)
+    assert max_rel_err(y, y_ref) <= TOLERANCE[dtype]
+    for name, g, r in zip(["x", *dict(layer.named_parameters())], grads, grads_ref):
+        assert g.dtype == r.dtype and max_rel_err(g, r) <= TOLERANCE[dtype], name
+
+
+# -----------------------------------------------------------------------------
 # dispatch and model.py
 
 def test_dispatch(monkeypatch):
@@ -179,8 +279,11 @@ def test_every_kernel_compiles_for_h100_without_spills_and_with_wgmma():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     names = {row.split("|")[1].strip() for row in rows}
     assert names == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_delta",
-                     "rmsnorm_fwd", "rmsnorm_bwd", "cross_entropy_rows"}
-    multiply_matrices = {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
+                     "rmsnorm_fwd", "rmsnorm_bwd", "cross_entropy_rows", "moe_router", "moe_count", "moe_scan",
+                     "moe_rank", "moe_gather", "moe_gather_bwd", "moe_combine", "moe_grouped_mm",
+                     "moe_grouped_mm_dx", "moe_grouped_mm_dw"}
+    multiply_matrices = {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "moe_grouped_mm",
+                         "moe_grouped_mm_dx", "moe_grouped_mm_dw"}
     for row in rows:
         name, _, registers, spill_bytes, _, wgmma = [c.strip() for c in row.split("|")[1:-1]]
         assert int(registers) <= 255 and spill_bytes == "0", row
@@ -203,3 +306,4 @@ def test_bench_on_cpu_measures_nothing_and_says_so():
     assert result.returncode == 0, result.stderr
     assert "measured nothing" in result.stdout
     assert "attention fwd (causal)" in result.stdout and "linear + cross-entropy" in result.stdout
+    assert "moe grouped GEMM fwd" in result.stdout and "moe combine" in result.stdout

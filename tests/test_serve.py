@@ -1,0 +1,256 @@
+"""Claims about serve.py's HTTP server, tested against a real server on 127.0.0.1 with a tiny random checkpoint:
+it speaks OpenAI's chat/completions, completions and models schemas; greedy answers are model.generate's; a stream
+adds up to the same text as the whole answer; seeds reproduce; stop strings cut; bad requests get a 4xx with a JSON
+error and leave the server up; concurrent clients, batched together, get what they would get alone."""
+
+import copy
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import serve  # noqa: E402  (its script flow runs only under __main__)
+from common import load_checkpoint, save_checkpoint  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import render_chat, special_id, train_tokenizer  # noqa: E402
+
+MAX_SEQ_LEN, CAP = 128, 40
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    texts = [open(os.path.join(ROOT, "tests", "data", name), encoding="utf-8").read()
+             for name in ("ja_sample.txt", "en_sample.txt", "code_sample.txt")]
+    enc = train_tokenizer(iter(texts), vocab_size=512)
+    torch.manual_seed(0)
+    # init_std 0.2: sharp logits, so greedy decoding has no near-ties that batching's rounding could flip
+    cfg = ModelConfig(vocab_size=enc.n_vocab, d_model=64, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=160,
+                      max_seq_len=MAX_SEQ_LEN, init_std=0.2)
+    directory = tmp_path_factory.mktemp("serve") / "tiny"
+    save_checkpoint(directory, Transformer(cfg), enc, stage="test")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    model, enc, _ = load_checkpoint(checkpoint)
+    return model.eval(), enc
+
+
+def start(model, enc, **limits):
+    server = serve.Server(model, enc, port=0, model_name="tiny", **limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    server = start(*loaded, max_tokens_cap=CAP, max_n=4, max_request_bytes=4000)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def request(server, method, path, body=None, raw=None):
+    """(status, parsed JSON body) from a fresh connection; `raw` sends bytes as they are."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, text = response.status, response.read().decode()
+    conn.close()
+    return status, json.loads(text)
+
+
+def chat(server, content="タヌキについて教えて", **params):
+    status, body = request(server, "POST", "/v1/chat/completions",
+                           {"model": "tiny", "messages": [{"role": "user", "content": content}], **params})
+    assert status == 200, body
+    return body
+
+
+def stream(server, path, body):
+    """The parsed chunks of a streamed answer; checks that it is well-formed SSE ending in [DONE]."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+def greedy_reference(loaded, prompt, max_tokens):
+    model, enc = loaded
+    stops = (special_id(enc, "<|end|>"), special_id(enc, "<|eos|>"))
+    return enc.decode(model.generate([prompt], max_tokens, stop_tokens=stops, temperature=0)[0], errors="replace")
+
+
+def test_chat_completion_schema_and_greedy_equals_model_generate(server, loaded):
+    body = chat(server, max_tokens=20, temperature=0)
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length")
+    prompt, _ = render_chat(loaded[1], [{"role": "user", "content": "タヌキについて教えて"}], add_generation_prompt=True)
+    assert choice["message"]["content"] == greedy_reference(loaded, prompt, 20)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(prompt) and 0 < usage["completion_tokens"] <= 20
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_completions_continue_the_text(server, loaded):
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "The tanuki", "max_tokens": 15,
+                                                                "temperature": 0})
+    assert status == 200 and body["object"] == "text_completion"
+    enc = loaded[1]
+    prompt = [special_id(enc, "<|bos|>")] + enc.encode_ordinary("The tanuki")
+    assert body["choices"][0]["text"] == greedy_reference(loaded, prompt, 15)
+    chunks = stream(server, "/v1/completions", {"prompt": "The tanuki", "max_tokens": 15, "temperature": 0})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
+
+
+def test_models_lists_the_checkpoint(server):
+    status, body = request(server, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=1.0, seed=3, n=2, stop=["e", "の"])])
+def test_stream_adds_up_to_the_whole_answer(server, params):
+    body = chat(server, max_tokens=30, **params)
+    chunks = stream(server, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "タヌキについて教えて"}], "max_tokens": 30, **params,
+                     "stream_options": {"include_usage": True}})
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+    for choice in body["choices"]:
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == choice["index"]]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == choice["message"]["content"]
+        assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
+def test_n_choices_and_seeds(server):
+    first = chat(server, max_tokens=20, temperature=1.0, n=3, seed=7)
+    texts = [c["message"]["content"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2] and len(set(texts)) > 1  # independent samples
+    again = chat(server, max_tokens=20, temperature=1.0, n=3, seed=7)
+    assert [c["message"]["content"] for c in again["choices"]] == texts
+    other = chat(server, max_tokens=20, temperature=1.0, n=3, seed=8)
+    assert [c["message"]["content"] for c in other["choices"]] != texts
+
+
+def test_stop_strings_cut_at_the_first_occurrence(server):
+    full = chat(server, max_tokens=CAP, temperature=0)["choices"][0]["message"]["content"]
+    stop = next(full[i:i + 2] for i in range(6, len(full) - 2) if full[i:i + 2].strip())  # cuts a few characters in
+    cut = chat(server, max_tokens=CAP, temperature=0, stop=["never appears", stop])["choices"][0]
+    assert cut["message"]["content"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
+    cut = chat(server, max_tokens=CAP, temperature=0, stop=stop)["choices"][0]
+    assert cut["message"]["content"] == full[:full.index(stop)]
+
+
+def test_max_tokens_is_capped_and_must_fit_the_context(server):
+    body = chat(server, max_tokens=CAP + 30, temperature=0, stop=[])
+    assert body["usage"]["completion_tokens"] <= CAP
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "The tanuki " * 60, "max_tokens": 5})
+    assert status == 400 and "context of 128 tokens" in body["error"]["message"]
+
+
+BAD = [  # (method, path, body, expected status)
+    ("POST", "/v1/chat/completions", b"{not json", 400),
+    ("POST", "/v1/chat/completions", b"\xff\xfe", 400),
+    ("POST", "/v1/chat/completions", [1, 2], 400),
+    ("POST", "/v1/chat/completions", {}, 400),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400),
+    ("POST", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, 400),
+    *[("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **param}, 400) for param in
+      [{"max_tokens": -1}, {"max_tokens": 0}, {"max_tokens": 2.5}, {"max_tokens": True}, {"max_tokens": "8"},
+       {"temperature": -0.1}, {"n": 0}, {"n": 5}, {"top_p": 0}, {"top_p": 1.5}, {"stop": [""]}, {"stop": 3},
+       {"seed": "x"}, {"stream": "yes"}]],
+    ("POST", "/v1/completions", {"max_tokens": 5}, 400),
+    ("POST", "/v1/chat/completions", b"{" + b" " * 5000 + b"}", 413),
+    ("GET", "/v1/chat/completions", None, 405),
+    ("POST", "/v1/models", {}, 405),
+    ("GET", "/v1/nothing", None, 404),
+    ("DELETE", "/", None, 404),
+    ("PATCH", "/v1/completions", {}, 405),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", BAD)
+def test_bad_requests_get_a_json_error_and_the_server_stays_up(server, method, path, body, status):
+    raw = body if isinstance(body, bytes) else None
+    got, reply = request(server, method, path, body=None if raw else body, raw=raw)
+    assert got == status and reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    assert chat(server, max_tokens=2)["choices"]
+
+
+def test_concurrent_clients_get_what_they_would_get_alone(server):
+    # greedy requests share batches; seeded ones run alone, else their draws would depend on the batch
+    asks = [(q, {"temperature": 0} if i % 2 else {"temperature": 1.0, "seed": i})
+            for i, q in enumerate(["こんにちは", "What is a tanuki?", "数を数えて: 1, 2, 3", "def f(x):", "タヌキ", "猫"])]
+    def ask(q_params):
+        q, params = q_params
+        return chat(server, q, max_tokens=25, **params)["choices"][0]["message"]["content"]
+    alone = [ask(a) for a in asks]
+    for _ in range(3):  # several rounds, so that requests meet in batches
+        with ThreadPoolExecutor(len(asks)) as pool:
+            assert list(pool.map(ask, asks)) == alone
+
+
+def test_a_failure_during_generation_is_a_500_and_the_server_stays_up(loaded):
+    model, enc = loaded
+    broken = copy.deepcopy(model)
+    broken.lm_head.weight = torch.nn.Parameter(torch.zeros(3, 5))  # a shape mismatch on the first forward
+    server = start(broken, enc)
+    try:
+        for _ in range(2):
+            status, body = request(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+            assert status == 500 and body["error"]["type"] == "server_error"
+        assert request(server, "GET", "/v1/models")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_command_line_serves_on_a_free_port(tmp_path, checkpoint):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "serve.py", f"--init_from={checkpoint}", "--port=0"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def wait_for_log(text):
+        deadline = time.time() + 60
+        while text not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        return log.read_text()
+
+    try:
+        address, port = wait_for_log("http://").split("http://")[1].split("/v1")[0].split(":")  # the bound port
+        assert address == "127.0.0.1"
+        remote = SimpleNamespace(server_address=(address, int(port)))  # what request() reads of a server
+        status, body = request(remote, "GET", "/v1/models")
+        assert status == 200 and body["data"][0]["id"] == "tiny"  # the directory's name
+        assert 0 < chat(remote, max_tokens=3)["usage"]["completion_tokens"] <= 3
+        # one line per request, written just after the answer
+        assert "GET /v1/models 200 " in wait_for_log("POST /v1/chat/completions 200 prompt=")
+    finally:
+        # SIGTERM, not Ctrl-C's SIGINT: a process started in the background (CI) may inherit SIGINT ignored
+        proc.terminate()
+        proc.wait(timeout=30)
