@@ -49,6 +49,10 @@ text_field = "text"           # the JSONL / parquet field holding the document
 max_line_bytes = 10_000_000   # a longer input line is bad input: reported, skipped
 max_docs = 0                  # per source, 0 = all (a quick look at a big corpus)
 languages = ["ja", "en", "code"]   # what detect_language must answer to keep a document
+# sources that skip line cleaning and the language and quality filters: synthetic data that synth.py already
+# filtered, whose short Q&A documents the web thresholds (Swallow's 400 characters, Gopher's 50 words) would drop
+# wholesale. Dedup and decontamination still apply. Tanuki fed 100-200B such tokens late in pretraining.
+unfiltered_sources = []
 thresholds = {}               # overrides of textfilters.THRESHOLDS by name, e.g. {"min_chars_ja": 200}
 repeated_line_min_docs = 100  # a line found in this many documents of one source is boilerplate (0: off)
 minhash_ngram = 5             # FineWeb word 5-grams; Swallow character 5-grams
@@ -85,6 +89,8 @@ if input:
     if len(set(names)) < len(names):
         sys.exit(f"--input: two paths would make sources of the same name {names}; use `sources` in a config file")
     sources = dict(zip(names, input.split(",")))
+if set(unfiltered_sources) - set(sources):
+    sys.exit(f"unfiltered_sources {sorted(set(unfiltered_sources) - set(sources))} are not sources: {sorted(sources)}")
 os.makedirs(out_dir, exist_ok=True)
 ctx = mp.get_context("fork")  # workers inherit the settings, sketch and indexes set below without pickling them
 stats = {name: {"docs_in": 0, "chars_in": 0, "bad_input": {}, "lines_removed": 0, "removed": {}, "docs_cut": 0,
@@ -315,11 +321,13 @@ def clean_batch(docs):
         text = tf.normalize(doc)
         lang = tf.detect_language(text)
         dropped = 0
-        if lang != "code":  # a code line like `a | b | c` is not a menu
+        if lang != "code" and not unfiltered:  # a code line like `a | b | c` is not a menu
             text, dropped = tf.clean_lines(text, repeated if repeated_line_min_docs else None,
                                            TH["boilerplate_max_line_chars"])
         if not text.strip():
             out.append(("clean", "empty_after_cleaning", lang, text, dropped, None))
+        elif unfiltered:
+            out.append(("filter", None, lang, text, dropped, tf.shingles(text, minhash_ngram, tf.units(text))))
         elif lang not in languages:
             out.append(("language", lang, lang, text, dropped, None))
         else:
@@ -342,6 +350,7 @@ for name in sources:
         os.remove(os.path.join(out_dir, name, "rejects.jsonl"))
     s = stats[name]
     sketch[:] = 0
+    unfiltered = name in unfiltered_sources  # read by clean_batch in the workers forked below
     if repeated_line_min_docs:
         with ctx.Pool(num_proc) as pool:
             for hashes in tqdm(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),

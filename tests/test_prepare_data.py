@@ -232,3 +232,30 @@ def test_zstd_and_parquet_inputs(tmp_path):
         with open(out / name.split(".")[0] / "meta.json") as f:
             meta = json.load(f)
         assert meta["train"]["documents"] + meta["val"]["documents"] == len(docs), name
+
+
+def test_unfiltered_sources_keep_short_synthetic_documents(prepared, tmp_path):
+    # synth.py's pretraining form: short "user: ... assistant: ..." documents that the web filters drop wholesale
+    root, _, out, _, _ = prepared
+    synth = tmp_path / "synth.jsonl"
+    docs = [f"user: {a} + {b} は？\nassistant: {a + b} です。" if i % 2 else
+            f"user: What is {a} times {b}?\nassistant: {a * b}." for i, (a, b) in
+            enumerate((a, b) for a in range(11, 31, 3) for b in range(7, 97, 11))]
+    synth.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs + docs[:3]))
+    for extra, kept in (([], 0), (["--unfiltered_sources=['synth']"], None)):
+        target = tmp_path / f"out{len(extra)}"
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={synth}",
+                                 f"--tokenizer={out}", f"--out_dir={target}", *extra],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        stats = json.loads((target / "stats.json").read_text())["sources"]["synth"]
+        if kept == 0:
+            assert stats["docs_out"] == 0 and set(stats["removed"]) <= {"filter", "language"}
+        else:  # only the 3 exact copies go (dedup still applies); nothing is filtered
+            assert "filter" not in stats["removed"] and stats["removed"]["exact_dedup"] == {"exact_duplicate": 3}
+            assert stats["docs_out"] + sum(stats["removed"].get("fuzzy_dedup", {}).values()) == len(docs)
+            assert stats["docs_out"] > len(docs) // 2
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={synth}",
+                          f"--tokenizer={out}", f"--out_dir={tmp_path / 'bad'}", "--unfiltered_sources=['synt']"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "synt" in bad.stderr
