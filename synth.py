@@ -16,8 +16,9 @@ written and continues where the last run stopped. Output, in out_dir:
                      instruction data into pretraining; a source for `prepare_data.py --input=`
     rejected.jsonl   samples the filters dropped, with the reason;   failures.jsonl   errors (retried on re-run)
     summary.json     counts by outcome and reason
-The offline generator is also a library: offline_task(rng, kind, lang) and verify(task, reply) are the DPO stage's
-judge and eval.py's held-out verifiable tasks.
+chat.jsonl of the offline backend is what later stages judge and evaluate with: each task carries its "answer", which
+textfilters.verify_answer checks (the DPO stage's offline judge, eval.py's verifiable tasks). They read the file;
+stages never import each other.
 """
 
 import ast
@@ -30,7 +31,6 @@ import re
 import sys
 import sysconfig
 import time
-import unicodedata
 import urllib.error
 import urllib.request
 import concurrent.futures
@@ -278,19 +278,8 @@ def offline_task(rng, kind, lang):
     return {"messages": [{"role": "user", "content": text}], "answer": answer, "kind": kind, "lang": lang}
 
 
-def verify(task, reply, strict=True):
-    """Is `reply` right? strict: exactly the answer, surrounding whitespace aside ("2", not "2." nor "2. マザーボード"
-    nor "答えは2です"), as llm-jp-eval's exact match. Lenient: the answer appears as a token of the NFKC-normalized
-    reply (not inside a longer number): knowledge apart from format, which eval.py reports side by side."""
-    answer = task["answer"]
-    if strict:
-        return reply.strip() == answer
-    text = unicodedata.normalize("NFKC", reply)
-    return re.search(rf"(?<![\d.]){re.escape(answer)}(?!\d|\.\d)", text) is not None
-
-
 def offline_tasks(n, seed=0, kinds=OFFLINE_KINDS):
-    """Tasks 0..n-1 of make_task, for other stages (dpo.py's prompts and judge, eval.py's held-out set)."""
+    """Tasks 0..n-1 of make_task (what the offline backend writes, as a list)."""
     return [make_task(i, seed, kinds) for i in range(n)]
 
 
@@ -522,7 +511,7 @@ def reject_reason(task, messages, finish):
         head = reply[:300].lower()
         if any(p in head for p in REFUSALS):
             return "refusal"
-    if "answer" in task and not verify(task, messages[-1]["content"]):
+    if "answer" in task and not tf.verify_answer(task["answer"], messages[-1]["content"]):
         return "wrong_answer"
     return None
 

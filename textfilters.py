@@ -537,3 +537,17 @@ def knowledge_frequency(texts, terms, window=200, bands=14, rows=8):
         return {"terms": list(terms), "documents": 0, "distinct": 0}
     labels = duplicate_clusters(lsh_band_hashes(minhash([shingles(t) for t in hits], bands * rows), bands, rows))
     return {"terms": list(terms), "documents": len(hits), "distinct": int(len(np.unique(labels)))}
+
+
+# -----------------------------------------------------------------------------
+# answers with a known right one (synth.py's offline tasks): the DPO stage's offline judge and eval.py's check
+
+def verify_answer(answer, reply, strict=True):
+    """Is `reply` the right `answer`? strict: exactly the answer, surrounding whitespace aside ("2", not "2." nor
+    "2. マザーボード" nor "答えは2です"), as llm-jp-eval's exact match (TANUKI.md "Evaluation": most open models scored
+    near zero on Jaster for answering "2. motherboard"). Lenient: the answer appears as a token of the
+    NFKC-normalized reply (not inside a longer number): knowledge apart from format."""
+    if strict:
+        return reply.strip() == answer
+    text = unicodedata.normalize("NFKC", reply)
+    return re.search(rf"(?<![\d.]){re.escape(answer)}(?!\d|\.\d)", text) is not None

@@ -1,5 +1,5 @@
 """Claims about synth.py: the offline teacher's answers are right (recomputed here from the question text, by code
-that shares nothing with the generator), balanced and deterministic; verify() is as strict as llm-jp-eval's exact
+that shares nothing with the generator), balanced and deterministic; textfilters.verify_answer is as strict as llm-jp-eval's exact
 match; the OpenAI-compatible client survives a server that fails, hangs or talks nonsense, with requests in
 parallel; a killed run resumes without duplicates; the filters drop planted bad samples, each with its reason."""
 
@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import synth  # noqa: E402  (its script flow runs only under __main__)
+import textfilters as tf  # noqa: E402
 
 JA_DAYS = dict(zip(calendar.day_name, ["月曜日", "火曜日", "水曜日", "木曜日", "金曜日", "土曜日", "日曜日"]))
 UNIT_FACTORS = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100, ("kilograms", "grams"): 1000,
@@ -96,7 +97,7 @@ def test_offline_answers_are_right_by_an_independent_computation():
     for task in tasks:
         q = task["turns"][0]
         assert recompute(task["kind"], task["lang"], q) == task["answer"], q
-        assert synth.verify(task, task["answer"])
+        assert tf.verify_answer(task["answer"], task["answer"])
         if task["lang"] == "ja":  # the question itself is Japanese, by the same >= 30% rule as the filter
             assert synth.reject_reason(task, [{"role": "user", "content": q}, {"role": "assistant", "content": q}],
                                        "stop") in (None, "wrong_answer")
@@ -116,15 +117,15 @@ def test_offline_tasks_are_balanced_and_deterministic():
 
 def test_verify_is_strict_about_the_format():
     task = {"answer": "2"}
-    assert synth.verify(task, "2") and synth.verify(task, " 2\n")
+    assert tf.verify_answer(task["answer"], "2") and tf.verify_answer(task["answer"], " 2\n")
     for reply in ("2.", "2. マザーボード", "答えは2です", "12", "２", "", "The answer is 2."):
-        assert not synth.verify(task, reply), reply
+        assert not tf.verify_answer(task["answer"], reply), reply
     # lenient: the knowledge without the format (full-width digits normalized), but never inside another number
     for reply in ("2.", "2. マザーボード", "答えは2です", "２", "The answer is 2."):
-        assert synth.verify(task, reply, strict=False), reply
+        assert tf.verify_answer(task["answer"], reply, strict=False), reply
     for reply in ("12", "2.5", "3", ""):
-        assert not synth.verify(task, reply, strict=False), reply
-    assert synth.verify({"answer": "金曜日"}, "金曜日") and not synth.verify({"answer": "金曜日"}, "金曜日です")
+        assert not tf.verify_answer(task["answer"], reply, strict=False), reply
+    assert tf.verify_answer("金曜日", "金曜日") and not tf.verify_answer("金曜日", "金曜日です")
 
 
 def test_filters_drop_planted_bad_answers_with_their_reasons():
