@@ -87,10 +87,11 @@ def model_config_from(scope):
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python stage.py` is a world of one
 
-def setup_distributed(device="auto", timeout_minutes=30):
+def setup_distributed(device="auto", timeout_minutes=30, world_of_one=False):
     """Returns (rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU. The process-group timeout is a
     setting because collectives wait on the slowest rank: Tanuki's 8x8B checkpoint saves to slow storage hit the
-    default 10 minutes and needed 30 (TANUKI.md "What failed")."""
+    default 10 minutes and needed 30 (TANUKI.md "What failed"). With world_of_one, a plain `python stage.py` gets a
+    process group of one, so an FSDP stage has a single code path to read and test."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -103,6 +104,9 @@ def setup_distributed(device="auto", timeout_minutes=30):
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
+    elif world_of_one and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     return rank, local_rank, world_size, device
 
 

@@ -11,6 +11,7 @@ export in serve.py is a renaming, not a conversion.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +85,13 @@ def rope_tables(head_dim, max_len, theta, device=None):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2). Rotates the pair (x_i, x_{i + head_dim/2}),
-    # the "split halves" layout of GPT-NeoX and Hugging Face Llama (Meta's original pairs neighbours instead).
+    # x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2), or (B, T, head_dim // 2) when each row has positions
+    # of its own (packed documents). Rotates the pair (x_i, x_{i + head_dim/2}), the "split halves" layout of
+    # GPT-NeoX and Hugging Face Llama (Meta's original pairs neighbours instead).
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -213,9 +217,11 @@ class Transformer(nn.Module):
             if isinstance(m, MoE):
                 m.tokens_per_expert.zero_()
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None):
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, doc_ids=None):
         """idx, targets: (B, T) token ids; targets == -1 are ignored. loss_mask: (B, T), 1 where the target
-        counts (SFT trains only on assistant tokens). Returns (logits, loss): logits (B, T, vocab), float32
+        counts (SFT trains only on assistant tokens). doc_ids: (B, T), for sequences packed from several documents
+        (sft.py): each run of equal ids is a document of its own, with positions from 0 and attention only within
+        itself, so it computes exactly what it would alone. Returns (logits, loss): logits (B, T, vocab), float32
         when a loss is computed. With a KV cache only the last position's logits are computed (B, 1, vocab).
         When the fused loss kernel takes the loss (CUDA, kernels/), logits is None: call without targets for them."""
         B, T = idx.shape
@@ -224,6 +230,17 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         attn_mask = None if cache is None else cache.attention_mask(T)
+        if doc_ids is not None:
+            # a position's index within its document: t minus where that document began (the last change of id)
+            t = torch.arange(T, device=idx.device).expand(B, T)
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim // 2)
+            # block-diagonal causal mask (B, 1, T, T): earlier keys of the same document only. The flash kernel
+            # takes no mask, so packed batches go through SDPA (Attention.forward)
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            attn_mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
         x = self.embed(idx)  # (B, T, d_model)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, attn_mask)
@@ -338,3 +355,74 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a frozen weight W plus a trainable
+# low-rank update, y = W x + (alpha / r) B A x. TANUKI.md "Post-training": LoRA instead of full fine-tuning to iterate
+# faster. Shared by sft.py and dpo.py, which also runs with the adapters off as its reference model.
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base = base
+        # A random, B zero: B A = 0, so training starts from exactly the base model (Hu et al. section 4.1). A as
+        # nn.Linear's own init (Kaiming uniform), as their reference code (loralib) does
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        # alpha / r: with Adam, changing r then needs no new learning rate (their section 4.1)
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        return y
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")):
+    """Wrap the nn.Linear layers named in `targets` in LoRALinear and freeze everything else: only the adapters
+    require grad. (An MoE's experts are stacked weights, not nn.Linear, and are left alone.) Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped += 1
+    if not wrapped:
+        raise ValueError(f"add_lora: no nn.Linear named any of {targets} in the model")
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight, W + (alpha / r) B A, and put the plain nn.Linear back: the model then has
+    exactly the base model's names and shapes, which every checkpoint loader expects. Returns the model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                delta = (child.lora_b.float() @ child.lora_a.float()) * child.scale
+                child.base.weight += delta.to(child.base.weight.dtype)
+                setattr(module, name, child.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """Run the base model without its adapters (DPO's reference model: no second copy in memory)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True

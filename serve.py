@@ -2,14 +2,14 @@
 Serve a checkpoint over an OpenAI-compatible HTTP API, talk to it in the terminal, or export it to Hugging Face
 format for transformers and vLLM.
 
-    python serve.py --init_from=out/sft                             # HTTP on 127.0.0.1:8000 (the default mode)
-    python serve.py --init_from=out/sft --port=8001 --model_name=tanuki-tiny
-    python serve.py --init_from=out/sft --chat                      # chat in the terminal
-    python serve.py --init_from=out/sft --chat --system_prompt="あなたは親切なアシスタントです。"
-    python serve.py --init_from=out/sft --chat --temperature=0      # greedy
-    printf 'こんにちは\\n/quit\\n' | python serve.py --init_from=out/sft --chat  # scripted: a reply per line
-    python serve.py --init_from=out/sft --export_hf=out/hf          # Llama format, then exit
-    python serve.py --init_from=out/sft --export_hf=out/hf --dtype=bfloat16
+    python serve.py --init_from=out/sft/model                             # HTTP on 127.0.0.1:8000 (the default mode)
+    python serve.py --init_from=out/sft/model --port=8001 --model_name=tanuki-tiny
+    python serve.py --init_from=out/sft/model --chat                      # chat in the terminal
+    python serve.py --init_from=out/sft/model --chat --system_prompt="あなたは親切なアシスタントです。"
+    python serve.py --init_from=out/sft/model --chat --temperature=0      # greedy
+    printf 'こんにちは\\n/quit\\n' | python serve.py --init_from=out/sft/model --chat  # scripted: a reply per line
+    python serve.py --init_from=out/sft/model --export_hf=out/hf          # Llama format, then exit
+    python serve.py --init_from=out/sft/model --export_hf=out/hf --dtype=bfloat16
 
 HTTP: POST /v1/chat/completions (our chat template applied to `messages`), POST /v1/completions (raw text, continued),
 GET /v1/models; `stream: true` answers with server-sent events as OpenAI does. Any OpenAI client works:

@@ -118,11 +118,7 @@ pg_timeout_minutes = 30   # Tanuki's slow checkpoint saves needed 30 instead of 
 # -----------------------------------------------------------------------------
 config = load_config(globals())
 
-rank, local_rank, world_size, device = setup_distributed(device, pg_timeout_minutes)
-if not dist.is_initialized():
-    # a plain `python train.py` is an FSDP world of one, so there is a single code path to read and test
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(),
-                            rank=0, world_size=1)
+rank, local_rank, world_size, device = setup_distributed(device, pg_timeout_minutes, world_of_one=True)
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

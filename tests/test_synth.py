@@ -269,7 +269,8 @@ def test_openai_backend_retries_then_records_failures_and_keeps_the_rest(tmp_pat
     assert teacher.requests[prompts[11]] == 2  # failed once, retried, kept
     written = ids(tmp_path / "chat.jsonl") + ids(tmp_path / "rejected.jsonl")
     assert sorted(written) == sorted(set(range(24)) - {3, 5, 8})
-    assert teacher.max_in_flight == 4  # 4 workers, all busy at once
+    # 4 workers, all busy at once; one more at most: the hung request's server thread outlives the client's timeout
+    assert 4 <= teacher.max_in_flight <= 5
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sum(summary["failed"].values()) == 3
     # the server recovers: a re-run retries only the failures, and nothing is written twice

@@ -107,7 +107,7 @@ def test_two_ranks_train_the_same_model_as_one(tmp_path, data_dir):
     (one, one_records), (two, two_records) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     hsdp, _ = metrics(tmp_path / "hsdp")
     assert sorted(one) == sorted(two) == sorted(hsdp) == list(range(1, 7))
-    assert all(hsdp[s]["slowest_rank"] == 1 and hsdp[s]["slowest_local_ms"] >= 50 for s in hsdp)
+    assert all(hsdp[s]["slowest_rank"] == 1 and hsdp[s]["slowest_local_ms"] >= 250 for s in hsdp)
     for step in one:
         assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, step
         assert abs(one[step]["loss"] - hsdp[step]["loss"]) < 1e-5, step

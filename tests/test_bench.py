@@ -1,0 +1,85 @@
+"""bench.py beyond the kernels: the planner's counts are model.py's, its FSDP bytes are the documented formula, and
+the measurement mode runs on a CPU. (The kernel AOT table and the CPU kernel rows: tests/test_kernels.py.)"""
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bench  # the defaults and functions only: the modes run under __main__
+import common
+from model import ModelConfig, Transformer
+
+
+def run_bench(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOTANUKI_KERNELS")}
+    result = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def meta_model(*config_files):
+    scope = dict(vars(bench))  # bench.py's defaults, overridden by the files as the command line would
+    common.load_config(scope, [os.path.join(ROOT, name) for name in config_files])
+    with torch.device("meta"):
+        return Transformer(common.model_config_from(scope))
+
+
+def test_the_planner_counts_what_model_py_counts_and_prints_tanukis_figures():
+    for files, total, active, hybrid in ((["configs/8b.py"], "7.516", "7.516", ""),
+                                         (["configs/8b.py", "configs/8x8b.py"], "46.98", "13.15", "16")):
+        out = run_bench(*files, "--plan", "--gpus=128", *([f"--hsdp_replicas={hybrid}"] if hybrid else []))
+        model = meta_model(*files)
+        counts = re.search(r"([\d,]+) parameters \(([\d.]+)B\), ([\d,]+) active per token \(([\d.]+)B\)", out)
+        assert int(counts[1].replace(",", "")) == model.num_params()
+        assert int(counts[3].replace(",", "")) == model.num_params(active=True)
+        assert (counts[2], counts[4]) == (total, active)  # TANUKI.md "Models": 7.52B; 46.98B, 13.15B active
+        assert "8B ~60B, 8x8B ~30B tokens/day on 128 H100" in out
+        assert "Chinchilla-optimal: 20 tokens/parameter" in out and "tokens/day" in out and "days" in out
+        # Tanuki's own throughput at our FLOPs per token: about the quarter of the peak their log shows
+        implied = float(re.search(r"FLOPs per token is MFU ([\d.]+)%", out)[1])
+        assert 20 < implied < 30
+        # ZeRO-3 shards over every GPU; hybrid sharding over the 8 of a node, 16 nodes replicating
+        assert ("sharded over 8 GPUs, 16 replicas" if hybrid else "sharded over all 128 GPUs") in out
+
+
+def test_fsdp_bytes_per_gpu_match_a_hand_computation():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=16)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # by hand: embedding and lm_head 64 x 32 each, final norm 32; a block: 2 norms of 32, wq and wo 32 x 32,
+    # wk and wv 16 x 32, three FFN matrices 32 x 64
+    block = 2 * 32 + 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64
+    n = 2 * 64 * 32 + 32 + 2 * block
+    assert (block, n) == (9280, 22688) and model.num_params() == n
+    plan = bench.memory_plan(model, shard_group=8, micro_batch_size=2, seq_len=16)
+    tokens = 2 * 16
+    assert plan["parameters"] == 4 * n / 8 + 2 * (2 * block + 64 * 32)
+    assert plan["gradients"] == 4 * n / 8 + 6 * block
+    assert plan["optimizer"] == 8 * n / 8
+    # per token per layer: 12C + 4 C_kv + 8F + 4H + 8 = 384 + 64 + 512 + 16 + 8; after the blocks 4C + 4, and
+    # the fused loss's dW of 64 x 32 in bf16
+    head = tokens * (4 * 32 + 4) + 2 * 64 * 32
+    assert plan["activations"] == tokens * 2 * 984 + head
+    assert plan["activations checkpointed"] == tokens * (2 * 32 * 2 + 984) + head
+    # an MoE layer keeps k copies of the expert activations: more than the dense layer
+    moe = ModelConfig(**{**cfg.__dict__, "n_experts": 4, "moe_top_k": 2})
+    assert bench.activation_bytes_per_token(moe, True) == 8 * 32 + 4 * 16 + 16 + 4 + 8 * 32 + 4 + 32 + 2 * (
+        4 * 32 + 8 * 64)
+
+
+def test_measurement_on_cpu_reports_positive_throughput():
+    out = run_bench("--measure", "--steps=1", "--seq_len=32", "--micro_batch_size=2", "--gen_tokens=4")
+    assert out.startswith("measured on CPU")  # labelled: no GPU figure is claimed
+    train = re.search(r"torch\s+([\d,]+)\s+([\d.]+)\s+-\s+([\d.]+) GiB max RSS", out)
+    assert train and int(train[1].replace(",", "")) > 0 and float(train[3]) > 0
+    for path in ("expert_loop", "expert_sorted"):
+        assert int(re.search(path + r"\s+([\d,]+) tokens/s", out)[1].replace(",", "")) > 0
+    for batch in (1, 8):
+        assert int(re.search(rf"batch {batch}:\s+([\d,]+) new tokens/s", out)[1].replace(",", "")) > 0
