@@ -433,7 +433,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "nanotanuki"
 
     def log_request(self, code="-", size="-"):
-        pass  # route() logs each request once it is answered, with its tokens and time
+        """Silenced: route() logs each request once it is answered, with its tokens and time."""
 
     def do_GET(self):
         self.route("GET")

@@ -219,8 +219,8 @@ class Teacher(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (the hang case)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the hang case)
+            return
         finally:
             with srv.lock:
                 srv.in_flight -= 1
