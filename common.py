@@ -6,11 +6,15 @@ model + config + tokenizer, learning-rate schedules and the MFU helper.
 import ast
 import datetime
 import difflib
+import http.client
 import json
 import math
 import os
+import random
 import shutil
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -119,6 +123,39 @@ def print0(*args, **kwargs):
     """print on rank 0 only: 128 ranks printing the same line help nobody"""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the OpenAI-compatible client of the stages that talk to a teacher, a judge or a served model
+
+def chat_completion(messages, sampling, url, key, model_name, request_timeout, retries, backoff_s):
+    """One POST {url}/chat/completions to any OpenAI-compatible server (vLLM, serve.py): the teacher of synth.py,
+    the judge of eval.py and dpo.py. Retries: 5xx, 429, timeouts, dropped connections and unparsable replies
+    are retried after backoff_s * 2^attempt (plus jitter, so many workers do not retry in lockstep); other 4xx
+    are the request's fault and fail at once. Returns (content, finish_reason, completion_tokens)."""
+    body = json.dumps({"model": model_name, "messages": messages, **sampling}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
+        try:
+            request = urllib.request.Request(f"{url.rstrip('/')}/chat/completions", data=body, headers=headers)
+            with urllib.request.urlopen(request, timeout=request_timeout) as response:
+                data = json.loads(response.read())
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return choice["message"]["content"] or "", choice.get("finish_reason"), usage.get("completion_tokens", 0)
+        except urllib.error.HTTPError as e:  # before URLError: it is one
+            if e.code < 500 and e.code != 429:
+                raise RuntimeError(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+            error = f"HTTP {e.code}"
+        except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections, cut bodies
+            error = f"{type(e).__name__}: {e}"
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            error = f"invalid response: {type(e).__name__}: {e}"
+    raise RuntimeError(f"{url}: gave up after {retries + 1} attempts: {error}")
+
 
 
 # -----------------------------------------------------------------------------

@@ -34,22 +34,19 @@ Input formats (JSONL, one object per line):
 
 import concurrent.futures
 import hashlib
-import http.client
 import json
 import math
 import os
 import re
 import time
 import unicodedata
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import textfilters as tf
-from common import load_checkpoint, load_config, open_shards, read_tokens
+from common import chat_completion, load_checkpoint, load_config, open_shards, read_tokens
 from tokenizer import render_chat, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -95,29 +92,6 @@ if __name__ == "__main__":
 
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 OPTION_ONLY = {"ja": "番号のみで答えてください。", "en": "Answer with the option number only."}
-
-
-def chat_completion(url, key, model_name, messages, max_tokens, temperature):
-    """The content of one POST {url}/chat/completions, with transport errors retried (5xx, 429, timeouts, dropped
-    connections, unparsable JSON) after backoff * 2^attempt; other 4xx are the request's fault and fail at once."""
-    body = json.dumps({"model": model_name, "messages": messages, "max_tokens": max_tokens,
-                       "temperature": temperature}).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    error = ""
-    for attempt in range(max_retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        try:
-            request = urllib.request.Request(f"{url.rstrip('/')}/chat/completions", data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-        except urllib.error.HTTPError as e:  # before OSError: it is one
-            if e.code < 500 and e.code != 429:
-                raise RuntimeError(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
-            error = f"HTTP {e.code}"
-        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
-            error = f"{type(e).__name__}: {e}"
-    raise RuntimeError(f"{url}: gave up after {max_retries + 1} attempts: {error}")
 
 
 def kind_of(task):
@@ -281,8 +255,8 @@ def judge_mt_bench(questions, conversations, judge, cache_path, retries=2, max_t
 
     def ask(job):
         for attempt in range(retries + 1):
-            reply = chat_completion(judge["url"], judge["key"], judge["model"], job[3], max_tokens,
-                                    0.0 if attempt == 0 else 0.7)
+            reply = chat_completion(job[3], {"max_tokens": max_tokens, "temperature": 0.0 if attempt == 0 else 0.7},
+                                    judge["url"], judge["key"], judge["model"], timeout, max_retries, backoff)[0]
             if parse_rating(reply) is not None:
                 break
         return {"key": job[2], "rating": parse_rating(reply), "judgment": reply, "attempts": attempt + 1}
@@ -392,8 +366,9 @@ if __name__ == "__main__":
         todo = [c for c in {json.dumps(c, ensure_ascii=False): c for c in conversations}.values()
                 if json.dumps(c, ensure_ascii=False) not in replies_cache]
         if answer_base_url:
-            ask = lambda c: chat_completion(answer_base_url, answer_api_key or os.environ.get("OPENAI_API_KEY", ""),
-                                            answer_model, c, max_new, 0.0)
+            ask = lambda c: chat_completion(c, {"max_tokens": max_new, "temperature": 0.0}, answer_base_url,
+                                            answer_api_key or os.environ.get("OPENAI_API_KEY", ""), answer_model,
+                                            timeout, max_retries, backoff)[0]
             with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
                 replies = list(pool.map(ask, todo))
         else:

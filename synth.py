@@ -23,7 +23,6 @@ stages never import each other.
 
 import ast
 import datetime
-import http.client
 import json
 import os
 import random
@@ -31,12 +30,10 @@ import re
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 import concurrent.futures
 
 import textfilters as tf
-from common import load_config
+from common import chat_completion, load_config
 
 # -----------------------------------------------------------------------------
 backend = "offline"      # offline (verifiable tasks, no model) | openai (any OpenAI-compatible server) | local
@@ -361,34 +358,6 @@ def make_task(i, seed, kinds, pool=None):
 
 # -----------------------------------------------------------------------------
 # backends: each turns a task into (messages, finish_reason, completion tokens)
-
-
-def chat_completion(messages, sampling, url, key, model_name, request_timeout, retries, backoff_s):
-    """One POST /v1/chat/completions with retries: 5xx, 429, timeouts, dropped connections and unparsable replies
-    are retried after backoff_s * 2^attempt (plus jitter, so many workers do not retry in lockstep); other 4xx
-    are the request's fault and fail at once. Returns (content, finish_reason, completion_tokens)."""
-    body = json.dumps({"model": model_name, "messages": messages, **sampling}).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    error = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
-        try:
-            request = urllib.request.Request(f"{url}/chat/completions", data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=request_timeout) as response:
-                data = json.loads(response.read())
-            choice = data["choices"][0]
-            usage = data.get("usage") or {}
-            return choice["message"]["content"] or "", choice.get("finish_reason"), usage.get("completion_tokens", 0)
-        except urllib.error.HTTPError as e:  # before URLError: it is one
-            if e.code < 500 and e.code != 429:
-                raise RuntimeError(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
-            error = f"HTTP {e.code}"
-        except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections, cut bodies
-            error = f"{type(e).__name__}: {e}"
-        except (ValueError, KeyError, IndexError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            error = f"invalid response: {type(e).__name__}: {e}"
-    raise RuntimeError(f"gave up after {retries + 1} attempts: {error}")
 
 
 def run_turns(task, ask):
