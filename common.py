@@ -4,15 +4,19 @@ model + config + tokenizer, learning-rate schedules and the MFU helper.
 """
 
 import ast
+import concurrent.futures
 import datetime
 import difflib
+import hashlib
 import http.client
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from dataclasses import asdict, fields
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, add_lora, merge_lora
 from tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -155,6 +159,94 @@ def chat_completion(messages, sampling, url, key, model_name, request_timeout, r
         except (ValueError, KeyError, IndexError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             error = f"invalid response: {type(e).__name__}: {e}"
     raise RuntimeError(f"{url}: gave up after {retries + 1} attempts: {error}")
+
+
+# -----------------------------------------------------------------------------
+# an LLM judge: MT-Bench-style single-answer grading 1-10 (TANUKI.md "Evaluation", "Reference thresholds": the judge
+# answers "評価：[[N]]" and deducts for answering in the wrong language), for eval.py's MT-Bench and dpo.py's pairs.
+# The prompts are our own words.
+
+JUDGE_SYSTEM = {
+    "ja": "あなたは公平で厳格な審査員です。AIアシスタントの回答を、有用性・正確さ・深さ・創造性・詳しさの観点から評価して"
+          "ください。質問と異なる言語で書かれた回答（日本語の質問に日本語以外で答えたもの）は大きく減点してください。"
+          "参照解答が示されている場合は、それと照らして正しいかを確かめてください。まず短く講評を書き、最後に必ず"
+          "「評価：[[N]]」（Nは1から10の整数）の形で点数を書いてください。",
+    "en": "You are an impartial and strict judge. Rate the AI assistant's answer for helpfulness, accuracy, depth, "
+          "creativity and level of detail. An answer written in a different language from the question loses many "
+          "points. If a reference answer is given, check the answer against it. Write a short assessment first, then "
+          "end with the score exactly in the form \"Rating: [[N]]\", where N is an integer from 1 to 10.",
+}
+JUDGE_LABELS = {  # question, reference, answer, which turn is judged
+    "ja": ("質問", "参照解答", "アシスタントの回答", "評価するのは最後のアシスタントの回答です。"),
+    "en": ("Question", "Reference answer", "Assistant's answer", "Rate the assistant's last answer only."),
+}
+
+
+def judge_prompt(lang, turns, answers, references):
+    """The judge's messages for the last answer of a conversation (turn 2 is judged with turn 1 in view, as
+    MT-Bench does)."""
+    q_label, ref_label, a_label, which = JUDGE_LABELS[lang]
+    parts = []
+    for i, (q, a) in enumerate(zip(turns, answers)):
+        parts.append(f"[{q_label} {i + 1}]\n{q}")
+        if i < len(references) and references[i]:
+            parts.append(f"[{ref_label} {i + 1}]\n{references[i]}")
+        parts.append(f"[{a_label} {i + 1}]\n{a}")
+    parts.append(which)
+    return [{"role": "system", "content": JUDGE_SYSTEM[lang]}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def parse_rating(text):
+    """The judge's 1-10 rating: the last [[N]] of the reply (a judge may quote the format before using it), after
+    NFKC so that full-width ［［８］］ counts; None when there is none or it is out of range (never guessed)."""
+    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", unicodedata.normalize("NFKC", text))
+    if not found:
+        return None
+    rating = float(found[-1])
+    return rating if 1 <= rating <= 10 else None
+
+
+def judge_ratings(prompts, judge, cache_path, retries=2, max_tokens=512, concurrency=8, request_timeout=120.0,
+                  http_retries=4, backoff_s=1.0):
+    """Rate every judge prompt (a list of message lists, judge_prompt's) with judge = {"url", "key", "model"}.
+    Returns ({key: record}, number of requests sent), where key = judge_key(judge model, messages) and the record
+    holds the rating (None when unparsable), the judgment and the attempts. Judgments are cached in cache_path
+    (JSONL, one line per judgment as it arrives), so a re-run, or a run killed midway and started again, sends only
+    what is new. A reply without a rating is asked again (the first request is greedy, as MT-Bench's judge; retries
+    sample at 0.7, since a greedy judge repeats itself word for word); after `retries` it is recorded unparsable and
+    counted by the caller, never given a score."""
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    cache[record["key"]] = record
+                except (ValueError, KeyError, TypeError):  # a line cut by a kill: judged again
+                    pass
+    todo = {judge_key(judge["model"], m): m for m in prompts}
+    todo = [(k, m) for k, m in todo.items() if k not in cache]
+
+    def ask(job):
+        for attempt in range(retries + 1):
+            reply = chat_completion(job[1], {"max_tokens": max_tokens, "temperature": 0.0 if attempt == 0 else 0.7},
+                                    judge["url"], judge["key"], judge["model"], request_timeout, http_retries,
+                                    backoff_s)[0]
+            if parse_rating(reply) is not None:
+                break
+        return {"key": job[0], "rating": parse_rating(reply), "judgment": reply, "attempts": attempt + 1}
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool, \
+            open(cache_path, "a", encoding="utf-8") as f:
+        for record in pool.map(ask, todo):
+            cache[record["key"]] = record
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+    return cache, len(todo)
+
+
+def judge_key(model_name, messages):
+    return hashlib.sha256(json.dumps([model_name, messages], ensure_ascii=False).encode()).hexdigest()
 
 
 
@@ -385,6 +477,51 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint=False, compile=F
     return model
 
 
+# fine-tuning (sft.py, dpo.py): a checkpoint in, sharded, optionally with LoRA adapters; merged and saved out
+
+def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activation_checkpoint=False):
+    """Collective. The checkpoint in `init_from` as a sharded model to fine-tune, as train.py builds one: on the meta
+    device, sharded, then filled from rank 0's full weights (only rank 0 reads the file). lora = (rank, alpha,
+    dropout, targets) adds adapters before sharding, so FSDP shards them with their block; rank 0 draws their
+    initial values. None: full fine-tuning."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
+        cfg = ModelConfig(**json.load(f)["model"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    full_state = {}
+    if dist.get_rank() == 0:
+        base = load_checkpoint(init_from, dtype=torch.float32)[0]
+        if lora:
+            add_lora(base, *lora)
+        full_state = base.state_dict()
+        del base
+    if lora:
+        add_lora(model, *lora)
+    shard_model(model, mesh, param_dtype, activation_checkpoint)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.init_buffers()
+    return model
+
+
+def save_finetuned(model, directory, enc, stage, dtype, lora=None, extra=None):
+    """Collective. Gather the sharded model's full weights to rank 0's CPU, merge the adapters into the weights (in
+    float32, then cast: the update is small next to the weight it is added to) and write a plain checkpoint that
+    every later stage loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            export = Transformer(model.cfg)
+        if lora:
+            add_lora(export, *lora)
+        export.load_state_dict(full, assign=True)
+        merge_lora(export)
+        save_checkpoint(directory, export.to(dtype), enc, stage=stage, extra=extra)
+    dist.barrier()
+
+
 # -----------------------------------------------------------------------------
 # training checkpoints: torch distributed checkpoint (DCP), each rank writing its own shards in parallel, into
 # ROOT/step_00001000.tmp renamed to ROOT/step_00001000 once complete; meta.json holds step, loader position,
@@ -463,10 +600,17 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     return None
 
 
-def load_train_checkpoint(directory, model, optimizer):
+def load_train_checkpoint(directory, model, optimizer, expect=None):
     """Collective. Loads a checkpoint written by save_train_checkpoint into `model` and `optimizer` (already
     sharded the same way or not: DCP reshards to the current world size), restores this rank's random-number
-    state when the checkpoint has one, and returns its meta dict."""
+    state when the checkpoint has one, and returns its meta dict. expect: {meta key: value} that must match (the
+    tokenizer, the data), or the resume would not continue the same run: an error says which differs."""
+    if expect:
+        with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        wrong = [f"{k}: {meta.get(k)!r} there, {v!r} now" for k, v in expect.items() if meta.get(k) != v]
+        if wrong:
+            raise SystemExit(f"{directory} was written for another run ({'; '.join(wrong)}): resume would not be exact")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optim_state = get_state_dict(model, optimizer)

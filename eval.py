@@ -33,20 +33,27 @@ Input formats (JSONL, one object per line):
 """
 
 import concurrent.futures
-import hashlib
 import json
 import math
 import os
 import re
 import time
-import unicodedata
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import textfilters as tf
-from common import chat_completion, load_checkpoint, load_config, open_shards, read_tokens
+from common import (
+    chat_completion,
+    judge_key,
+    judge_prompt,
+    judge_ratings,
+    load_checkpoint,
+    load_config,
+    open_shards,
+    read_tokens,
+)
 from tokenizer import render_chat, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -193,85 +200,19 @@ def pass_rates(answers, replies):
 
 
 # -----------------------------------------------------------------------------
-# MT-Bench-style single-answer grading (TANUKI.md "Evaluation", "Reference thresholds": the judge answers
-# "評価：[[N]]" and deducts for answering in the wrong language). The prompts are our own words.
-
-JUDGE_SYSTEM = {
-    "ja": "あなたは公平で厳格な審査員です。AIアシスタントの回答を、有用性・正確さ・深さ・創造性・詳しさの観点から評価して"
-          "ください。質問と異なる言語で書かれた回答（日本語の質問に日本語以外で答えたもの）は大きく減点してください。"
-          "参照解答が示されている場合は、それと照らして正しいかを確かめてください。まず短く講評を書き、最後に必ず"
-          "「評価：[[N]]」（Nは1から10の整数）の形で点数を書いてください。",
-    "en": "You are an impartial and strict judge. Rate the AI assistant's answer for helpfulness, accuracy, depth, "
-          "creativity and level of detail. An answer written in a different language from the question loses many "
-          "points. If a reference answer is given, check the answer against it. Write a short assessment first, then "
-          "end with the score exactly in the form \"Rating: [[N]]\", where N is an integer from 1 to 10.",
-}
-JUDGE_LABELS = {  # question, reference, answer, which turn is judged
-    "ja": ("質問", "参照解答", "アシスタントの回答", "評価するのは最後のアシスタントの回答です。"),
-    "en": ("Question", "Reference answer", "Assistant's answer", "Rate the assistant's last answer only."),
-}
-
-
-def judge_prompt(lang, turns, answers, references):
-    """The judge's messages for the last answer of a conversation (turn 2 is judged with turn 1 in view, as
-    MT-Bench does)."""
-    q_label, ref_label, a_label, which = JUDGE_LABELS[lang]
-    parts = []
-    for i, (q, a) in enumerate(zip(turns, answers)):
-        parts.append(f"[{q_label} {i + 1}]\n{q}")
-        if i < len(references) and references[i]:
-            parts.append(f"[{ref_label} {i + 1}]\n{references[i]}")
-        parts.append(f"[{a_label} {i + 1}]\n{a}")
-    parts.append(which)
-    return [{"role": "system", "content": JUDGE_SYSTEM[lang]}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
-def parse_rating(text):
-    """The judge's 1-10 rating: the last [[N]] of the reply (a judge may quote the format before using it), after
-    NFKC so that full-width ［［８］］ counts; None when there is none or it is out of range (never guessed)."""
-    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", unicodedata.normalize("NFKC", text))
-    if not found:
-        return None
-    rating = float(found[-1])
-    return rating if 1 <= rating <= 10 else None
+# MT-Bench-style single-answer grading: common.judge_prompt / judge_ratings (dpo.py's LLM judge is the same one)
 
 
 def judge_mt_bench(questions, conversations, judge, cache_path, retries=2, max_tokens=512):
-    """Rate every assistant turn of `conversations` (one list of answers per question). judge: {"url", "key",
-    "model"}. Judgments are cached in cache_path (JSONL) under a hash of (judge model, judge messages), which hold the
-    question and the answer, so a re-run sends only what is new. A reply without a rating is asked again (the first
-    request is greedy, as MT-Bench's judge; retries sample at 0.7, since a greedy judge repeats itself word for word);
-    after `retries` it is recorded as unparsable and counted, never given a score."""
-    cache = {}
-    if os.path.exists(cache_path):
-        cache = {r["key"]: r for r in read_jsonl(cache_path)}
-    jobs = []  # (question index, turn, key, messages)
-    for qi, (q, answers) in enumerate(zip(questions, conversations)):
-        for turn in range(len(answers)):
-            messages = judge_prompt(q.get("lang", "ja"), q["turns"][: turn + 1], answers[: turn + 1],
-                                    q.get("reference") or [])
-            key = hashlib.sha256(json.dumps([judge["model"], messages], ensure_ascii=False).encode()).hexdigest()
-            jobs.append((qi, turn, key, messages))
-
-    def ask(job):
-        for attempt in range(retries + 1):
-            reply = chat_completion(job[3], {"max_tokens": max_tokens, "temperature": 0.0 if attempt == 0 else 0.7},
-                                    judge["url"], judge["key"], judge["model"], timeout, max_retries, backoff)[0]
-            if parse_rating(reply) is not None:
-                break
-        return {"key": job[2], "rating": parse_rating(reply), "judgment": reply, "attempts": attempt + 1}
-
-    todo = [job for job in jobs if job[2] not in cache]
-    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool, open(cache_path, "a",
-                                                                                   encoding="utf-8") as f:
-        for record in pool.map(ask, todo):
-            cache[record["key"]] = record
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one line each: a kill loses nothing done
-            f.flush()
-    scores = [[None] * len(a) for a in conversations]
-    for qi, turn, key, _ in jobs:
-        scores[qi][turn] = cache[key]["rating"]
-    return scores, len(todo)
+    """Rate every assistant turn of `conversations` (one list of answers per question) with the judge
+    {"url", "key", "model"}. Returns (scores, requests sent): scores[question][turn] is the rating, None when the
+    judge gave none after its retries (counted by mt_bench_summary, never turned into a score). Cached in cache_path
+    under a hash of (judge model, messages), which hold the question and the answer: a re-run sends only what is new."""
+    prompts = [[judge_prompt(q.get("lang", "ja"), q["turns"][: t + 1], answers[: t + 1], q.get("reference") or [])
+                for t in range(len(answers))] for q, answers in zip(questions, conversations)]
+    cache, sent = judge_ratings([m for turns in prompts for m in turns], judge, cache_path, retries, max_tokens,
+                                concurrency, timeout, max_retries, backoff)
+    return [[cache[judge_key(judge["model"], m)]["rating"] for m in turns] for turns in prompts], sent
 
 
 def mt_bench_summary(questions, scores):

@@ -24,27 +24,21 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 
 from common import (
     cleanup_distributed,
     latest_checkpoint,
-    load_checkpoint,
+    load_for_finetuning,
     load_config,
     load_train_checkpoint,
     lr_at,
     print0,
-    save_checkpoint,
+    save_finetuned,
     save_train_checkpoint,
     setup_distributed,
-    shard_model,
 )
-from model import ModelConfig, Transformer, add_lora, merge_lora
+from model import ModelConfig
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -115,8 +109,6 @@ if rows_per_rank * world_size != batch_size or grad_accum * micro_batch_size != 
 
 if not init_from:
     raise SystemExit("sft.py fine-tunes a checkpoint: set --init_from=DIR (e.g. out/train/model)")
-# only rank 0 reads the weights, which it broadcasts after sharding; every rank needs the tokenizer
-base = load_checkpoint(init_from, dtype=torch.float32)[0] if master else None
 enc = load_tokenizer(init_from)
 with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
     model_cfg = ModelConfig(**json.load(f)["model"])
@@ -231,25 +223,12 @@ print0(f"{rows_per_epoch:,} rows of <= {seq_len} tokens per epoch ({'packed' if 
        f"{batch_size} rows per step: {max_iters} steps")
 
 # -----------------------------------------------------------------------------
-# model: as train.py, built on the meta device, sharded, then filled from rank 0's full weights. The adapters are
-# added before sharding, so FSDP shards them with their block; rank 0 draws their initial values.
+# model: as train.py, built on the meta device, sharded, then filled from rank 0's full weights (with LoRA, the
+# adapters are added first, so FSDP shards them with their block)
 
-with torch.device("meta"):
-    model = Transformer(model_cfg)
-full_state = {}
-if master:
-    if lora_rank:
-        add_lora(base, lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
-    full_state = base.state_dict()
-    del base
-if lora_rank:
-    add_lora(model, lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
+lora = (lora_rank, lora_alpha, lora_dropout, tuple(lora_targets)) if lora_rank else None
 mesh = init_device_mesh(device_type, (world_size,))
-shard_model(model, mesh, ptdtype, activation_checkpoint)
-model.to_empty(device=device)
-set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-model.init_buffers()
-del full_state
+model = load_for_finetuning(init_from, mesh, device, ptdtype, lora, activation_checkpoint)
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "
@@ -265,9 +244,8 @@ resume_dir = latest_checkpoint(ckpt_root) if resume == "auto" else resume
 if resume_dir:
     # cheap with LoRA's few trained weights, and with DCP any size: the base weights are saved too, so a resume
     # needs nothing but the checkpoint
-    state = load_train_checkpoint(resume_dir, model, optimizer)
-    if state["tokenizer_hash"] != tokenizer_hash(enc) or state["train_conversations"] != len(train_convs):
-        raise SystemExit(f"{resume_dir} was written for other data or another tokenizer: resume would not be exact")
+    state = load_train_checkpoint(resume_dir, model, optimizer,
+                                  expect={"tokenizer_hash": tokenizer_hash(enc), "train_conversations": len(train_convs)})
     step, tokens, skipped, loader = state["step"], state["tokens"], state["skipped"], state["loader"]
     print0(f"resumed from {resume_dir} at step {step}")
 
@@ -366,18 +344,8 @@ while step < max_iters:
 # -----------------------------------------------------------------------------
 # the fine-tuned model, adapters merged into the weights: a plain checkpoint every later stage loads
 
-full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-if master:
-    with torch.device("meta"):
-        export = Transformer(model_cfg)
-    if lora_rank:
-        add_lora(export, lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
-    export.load_state_dict(full, assign=True)
-    merge_lora(export)  # in float32, then cast: the update is small next to the weight it is added to
-    export.to(ptdtype)
-    save_checkpoint(os.path.join(out_dir, "model"), export, enc, stage="sft",
-                    extra={"init_from": os.path.abspath(init_from), "step": step, "tokens": tokens,
-                           "data": counts, "config": config})
-    print0(f"saved the model to {os.path.join(out_dir, 'model')}")
-dist.barrier()
+save_finetuned(model, os.path.join(out_dir, "model"), enc, "sft", ptdtype, lora,
+               extra={"init_from": os.path.abspath(init_from), "step": step, "tokens": tokens, "data": counts,
+                      "config": config})
+print0(f"saved the model to {os.path.join(out_dir, 'model')}")
 cleanup_distributed()

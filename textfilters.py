@@ -551,3 +551,23 @@ def verify_answer(answer, reply, strict=True):
         return reply.strip() == answer
     text = unicodedata.normalize("NFKC", reply)
     return re.search(rf"(?<![\d.]){re.escape(answer)}(?!\d|\.\d)", text) is not None
+
+
+def answer_shape(text):
+    """The form of an answer with its content abstracted: runs of digits -> "0", of kanji -> "k", of hiragana ->
+    "h", of katakana -> "t", of other letters -> "a". "13" and "7.2" -> "0" and "0.0"; "水曜日" -> "k" but "水曜日です" ->
+    "kh"; "Friday" -> "a"; "答えは13です" -> "kh0h"; "2. マザーボード" -> "0. t"."""
+    runs = r"(\d+)|([\u4e00-\u9fff\u3005]+)|([\u3041-\u309f]+)|([\u30a0-\u30ff]+)|([^\W\d_]+)"
+    return re.sub(runs, lambda m: "0khta"[m.lastindex - 1], unicodedata.normalize("NFKC", text).strip())
+
+
+def verifier_score(answer, reply):
+    """The offline judge's grade of a reply to a task with a known answer, correctness first, then format:
+    3 right in exactly the asked format, 2 right in another ("答えは13です"), 1 wrong but in the answer's form (a bare
+    number for a number), 0 neither. Format counts even when wrong: a model that learns the form keeps it on the
+    questions it cannot answer (TANUKI.md "Evaluation": Jaster scores only exact answers)."""
+    if verify_answer(answer, reply):
+        return 3
+    if verify_answer(answer, reply, strict=False):
+        return 2
+    return int(answer_shape(reply) == answer_shape(answer))

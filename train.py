@@ -265,9 +265,7 @@ if resume_dir and lr_range_test:
 if resume_dir:
     if not os.path.isfile(os.path.join(resume_dir, "meta.json")):
         raise SystemExit(f"{resume_dir} is not a complete training checkpoint (no meta.json)")
-    state = load_train_checkpoint(resume_dir, model, optimizer)
-    if state["tokenizer_hash"] != enc_hash:
-        raise SystemExit(f"{resume_dir} was trained with a different tokenizer than {data_dir}'s")
+    state = load_train_checkpoint(resume_dir, model, optimizer, expect={"tokenizer_hash": enc_hash})
     changed = [name for name in sources if state["windows"].get(name, n_windows[name]) != n_windows[name]]
     if changed:  # the saved positions index permutations of the old windows: they would mean other samples now
         raise SystemExit(f"the data of {changed} changed since {resume_dir} was written: resume would not be exact")

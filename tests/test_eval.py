@@ -21,19 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402  (its script flow runs only under __main__)
 import serve  # noqa: E402
-from common import save_checkpoint  # noqa: E402
+from common import parse_rating, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import encode_batch, render_chat, save_tokenizer, tokenizer_hash, train_tokenizer  # noqa: E402
+from tokenizer import encode_batch, render_chat, save_tokenizer, tokenizer_hash  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
 MT_BENCH = os.path.join(DATA, "mt_bench_sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def enc():
-    texts = [open(os.path.join(DATA, name), encoding="utf-8").read()
-             for name in ("ja_sample.txt", "en_sample.txt", "code_sample.txt")]
-    return train_tokenizer(iter(texts), vocab_size=512)
 
 
 def tiny_model(enc, max_seq_len=256, seed=0):
@@ -159,12 +152,12 @@ def test_loglikelihood_choice_equals_a_direct_computation(enc):
 
 
 def test_parse_rating():
-    assert ev.parse_rating("丁寧で正確です。評価：[[8]]") == 8
-    assert ev.parse_rating("Good answer.\nRating: [[7]]") == 7
-    assert ev.parse_rating("全角でも 評価：［［９］］") == 9
-    assert ev.parse_rating("format is [[N]] ... Rating: [[6.5]]") == 6.5
+    assert parse_rating("丁寧で正確です。評価：[[8]]") == 8
+    assert parse_rating("Good answer.\nRating: [[7]]") == 7
+    assert parse_rating("全角でも 評価：［［９］］") == 9
+    assert parse_rating("format is [[N]] ... Rating: [[6.5]]") == 6.5
     for text in ("評価：8", "Rating: 8/10", "[[11]]", "[[0]]", ""):
-        assert ev.parse_rating(text) is None, text
+        assert parse_rating(text) is None, text
 
 
 class CountingServer(serve.Server):

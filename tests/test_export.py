@@ -16,17 +16,10 @@ sys.path.insert(0, ROOT)
 import serve  # noqa: E402  (its script flow runs only under __main__)
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import render_chat, special_id, train_tokenizer  # noqa: E402
+from tokenizer import render_chat, special_id  # noqa: E402
 
 MIXED = ("タヌキは日本の里山に暮らす。The tanuki is a canid 🦝🍵! "
          "価格は1,280円、GPT-4oと比べて3.5倍速い。\n  改行 と  空白")
-
-
-@pytest.fixture(scope="module")
-def enc():
-    texts = [open(os.path.join(ROOT, "tests", "data", name), encoding="utf-8").read()
-             for name in ("ja_sample.txt", "en_sample.txt", "code_sample.txt")]
-    return train_tokenizer(iter(texts), vocab_size=512)
 
 
 def checkpoint(directory, enc, **overrides):

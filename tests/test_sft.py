@@ -19,16 +19,9 @@ sys.path.insert(0, ROOT)
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from model import LoRALinear, ModelConfig, Transformer, add_lora, lora_disabled, merge_lora  # noqa: E402
 from synth import offline_tasks  # noqa: E402
-from tokenizer import render_chat, special_id, train_tokenizer  # noqa: E402
+from tokenizer import render_chat, special_id  # noqa: E402
 
 SFT = os.path.join(ROOT, "sft.py")
-
-
-@pytest.fixture(scope="module")
-def enc():
-    texts = [open(os.path.join(ROOT, "tests", "data", name), encoding="utf-8").read()
-             for name in ("ja_sample.txt", "en_sample.txt", "code_sample.txt")]
-    return train_tokenizer(iter(texts), vocab_size=512)
 
 
 def tiny_model(enc, seed=0, **overrides):
