@@ -332,3 +332,16 @@ def test_two_ranks_sample_judge_and_train_as_one(tiny_dpo):
     run(DPO, *common, f"--out_dir={tmp / 'one'}", "--steps=['train']")
     losses = [[x["loss"] for x in read_jsonl(tmp / d / "metrics.jsonl") if "loss" in x] for d in ("one", "two")]
     assert len(losses[0]) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(*losses)), losses
+
+
+def test_two_rounds_sample_from_the_first_rounds_model(tiny_dpo):
+    tmp, args, _ = tiny_dpo
+    run(DPO, *args, f"--out_dir={tmp / 'rounds'}", "--rounds=2", "--max_prompts=60", "--max_iters=2",
+        "--max_eval_prompts=4")
+    summary = json.load(open(tmp / "rounds" / "summary.json"))
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    first = load_checkpoint(tmp / "rounds" / "round_0" / "model")[2]
+    final = load_checkpoint(tmp / "rounds" / "model")[2]
+    assert first["round"] == 0 and final["round"] == 1
+    assert final["init_from"] == str(tmp / "rounds" / "round_0" / "model")  # on-policy: round 1 starts from round 0
+    assert (tmp / "rounds" / "round_1" / "samples_0.jsonl").exists()
