@@ -1,6 +1,7 @@
 """
-What several stages share, and nothing else (DESIGN.md): configuration, distributed set-up, checkpoints of
-model + config + tokenizer, learning-rate schedules and the MFU helper.
+What several stages share, and nothing else (DESIGN.md): configuration, distributed set-up, the OpenAI-compatible
+client and the LLM judge, checkpoints of model + config + tokenizer, FSDP2 sharding and the fine-tuning model
+build, training checkpoints, data shards, learning-rate schedules and the MFU helper.
 """
 
 import ast
@@ -247,7 +248,6 @@ def judge_ratings(prompts, judge, cache_path, retries=2, max_tokens=512, concurr
 
 def judge_key(model_name, messages):
     return hashlib.sha256(json.dumps([model_name, messages], ensure_ascii=False).encode()).hexdigest()
-
 
 
 # -----------------------------------------------------------------------------
