@@ -345,3 +345,26 @@ def test_two_rounds_sample_from_the_first_rounds_model(tiny_dpo):
     assert first["round"] == 0 and final["round"] == 1
     assert final["init_from"] == str(tmp / "rounds" / "round_0" / "model")  # on-policy: round 1 starts from round 0
     assert (tmp / "rounds" / "round_1" / "samples_0.jsonl").exists()
+
+
+def test_training_resumes_from_its_checkpoint_exactly(tiny_dpo):
+    """A run killed after its step-2 checkpoint (simulated: the later checkpoint and the model removed) continues
+    from step 2 with the reference read back from its file, and logs the losses of the uninterrupted run."""
+    tmp, args, _ = tiny_dpo
+    common = [*args, "--max_iters=4", "--checkpoint_interval=2", "--log_interval=1", "--reference=precomputed",
+              "--keep_checkpoints=3", "--steps=['train']", "--max_eval_prompts=4"]
+    for name in ("full", "killed"):
+        (tmp / name / "round_0").mkdir(parents=True)
+        for f in ("pairs.jsonl", "judge.json", "samples_0.jsonl"):
+            (tmp / name / "round_0" / f).write_bytes((tmp / "dpo" / "round_0" / f).read_bytes())
+        run(DPO, *common, f"--out_dir={tmp / name}")
+    killed = tmp / "killed" / "round_0"
+    for path in (tmp / "killed" / "model", killed / "checkpoints" / "step_00000004", killed / "train.json"):
+        assert path.exists(), path
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    out = run(DPO, *common, f"--out_dir={tmp / 'killed'}")
+    assert "resumed from" in out.stdout and "computed once" not in out.stdout
+    losses = [{x["step"]: x["loss"] for x in read_jsonl(tmp / d / "metrics.jsonl") if "loss" in x}
+              for d in ("full", "killed")]
+    assert all(abs(losses[0][s] - losses[1][s]) < 1e-6 for s in (1, 2, 3, 4)), losses
+    assert (tmp / "killed" / "model" / "config.json").exists()
