@@ -312,12 +312,11 @@ def judge_step(round_dir):
     scores, unparsable = score_answers(records, os.path.join(round_dir, "judge_cache.jsonl"))
     pairs, ties = [], 0
     for r, row in zip(records, scores):
-        rated = [(s, a) for s, a in zip(row, r["samples"]) if s is not None]
-        if len(rated) < 2 or max(rated)[0] == min(rated)[0]:
+        rated = [(s, a) for s, a in zip(row, r["samples"]) if s is not None]  # unparsable: never a candidate
+        best, worst = max(rated, key=lambda sa: sa[0], default=None), min(rated, key=lambda sa: sa[0], default=None)
+        if not rated or best[0] == worst[0]:  # all tied (or unrated): no preference to learn
             ties += 1
             continue
-        best = max(rated, key=lambda sa: sa[0])
-        worst = min(rated, key=lambda sa: sa[0])
         pairs.append({"id": r["id"], "prompt": r["messages"], "chosen": best[1], "rejected": worst[1],
                       "chosen_score": best[0], "rejected_score": worst[0], "held_out": r["held_out"]})
     with open(os.path.join(round_dir, "pairs.jsonl"), "w", encoding="utf-8") as f:
@@ -566,7 +565,10 @@ if __name__ == "__main__":
            f"{broken} broken lines skipped; {rounds} round(s) of {steps}")
     os.makedirs(out_dir, exist_ok=True)
     summary_path = os.path.join(out_dir, "summary.json")
-    summary = json.load(open(summary_path, encoding="utf-8")) if os.path.exists(summary_path) else {"rounds": []}
+    summary = {"rounds": []}
+    if os.path.exists(summary_path):  # earlier rounds of this out_dir, when a round runs alone
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
     policy = init_from
     for r in range(rounds):
         round_dir = os.path.join(out_dir, f"round_{r}")
