@@ -6,6 +6,7 @@ build, training checkpoints, data shards, learning-rate schedules and the MFU he
 
 import ast
 import concurrent.futures
+import contextlib
 import datetime
 import difflib
 import hashlib
@@ -18,6 +19,7 @@ import re
 import shutil
 import time
 import unicodedata
+import zlib
 import urllib.error
 import urllib.request
 from dataclasses import asdict, fields
@@ -25,8 +27,9 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from model import ModelConfig, Transformer, add_lora, merge_lora
+from model import ModelConfig, Transformer, add_lora, init_value
 from tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -256,34 +259,88 @@ def judge_key(model_name, messages):
 def write_safetensors(path, tensors, dtype=None):
     """Write {name: tensor} as one safetensors file, one tensor at a time, cast to `dtype` on the way.
     safetensors.torch.save_file would first build the whole file in memory: a second copy of the model
-    (16 GB for Tanuki-8B in bf16). The format is an 8-byte header length, a JSON header, then raw bytes."""
+    (16 GB for Tanuki-8B in bf16). The format is an 8-byte header length, a JSON header, then raw bytes.
+    Sharded tensors (DTensors of an FSDP model) are gathered one at a time: then every rank must call this, in
+    the same order (each gather is a collective), and only the rank with a `path` (not None) writes. No rank ever
+    holds more than one whole tensor (at most one stacked expert weight, 1.9 GB at 8x8B in bf16)."""
     dtype_names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
     header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without format "pt"
-    for name, t in tensors.items():
+    for name, t in tensors.items():  # a DTensor's shape and dtype are the whole tensor's
         size = t.numel() * (dtype or t.dtype).itemsize
         header[name] = {"dtype": dtype_names[dtype or t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps(header).encode()
     header += b" " * (-len(header) % 8)  # pad to 8 bytes, as safetensors does, so tensors stay aligned
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
+    with open(path, "wb") if path is not None else contextlib.nullcontext() as f:
+        if f:
+            f.write(len(header).to_bytes(8, "little") + header)
         for t in tensors.values():
-            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().view(torch.uint8).numpy())
+            t = t.detach().to(dtype or t.dtype)  # cast before a gather: half the bytes moved in bf16
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if f:
+                f.write(t.to("cpu").contiguous().view(torch.uint8).numpy())
+            del t
 
 
-def save_checkpoint(directory, model, enc, stage, extra=None):
-    """Write model weights (safetensors), config.json (model shape, stage provenance, tokenizer hash) and the
-    tokenizer files. Atomic: everything is written into a temporary sibling that is renamed into place, so a
-    crash mid-write leaves the previous checkpoint intact and never a half-written one under `directory`."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def read_safetensors_header(path):
+    """(header {name: {"dtype", "shape", "data_offsets"}}, byte offset where the data begins) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_safetensors_slice(f, entry, data_start, slices, out):
+    """Read the part `slices` of one stored tensor (header `entry`) from the open file `f` into `out`, cast to its
+    dtype. `slices` narrows at most one dim, as an FSDP shard does (Shard(0) rows, or Shard(1) of stacked experts):
+    then the part is, for every index of the dims before that one, one contiguous run of bytes, read straight from
+    the file with no memory map, so this rank's host memory holds its shard and nothing else of the file."""
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+    narrowed = [i for i, (s, n) in enumerate(zip(slices, shape)) if (s.start, s.stop) != (0, n)]
+    if len(narrowed) > 1:
+        raise ValueError(f"cannot read a slice narrowed in dims {narrowed} (one at most)")
+    dim = narrowed[0] if narrowed else 0
+    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
+    start, stop = (slices[dim].start, slices[dim].stop) if shape else (0, 1)
+    direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+    buf = out if direct else torch.empty(out.shape, dtype=dtype)
+    rows = buf.view(torch.uint8).view(outer, -1)  # (outer, run of bytes)
+    for i in range(outer):
+        f.seek(data_start + entry["data_offsets"][0] + (i * (shape[dim] if shape else 1) + start) * inner * dtype.itemsize)
+        if f.readinto(rows[i].numpy()) != rows.size(1):
+            raise ValueError(f"{f.name}: the file ends inside a tensor (truncated?)")
+    if not direct:
+        out.copy_(buf)
+    return out
+
+
+def save_checkpoint(directory, model, enc, stage, extra=None, dtype=None, state=None):
+    """Write model weights (safetensors, in `dtype` if given), config.json (model shape, stage provenance,
+    tokenizer hash) and the tokenizer files. Atomic: everything is written into a temporary sibling that is renamed
+    into place, so a crash mid-write leaves the previous checkpoint intact and never a half-written one under
+    `directory`. For a sharded model (common.shard_model) this is collective: every rank calls it, the tensors are
+    gathered one by one and rank 0 writes them, so no rank holds the whole model (write_safetensors). `state`: the
+    tensors to write under the model's names, when they are not model.state_dict() (save_finetuned's merge)."""
+    state = model.state_dict() if state is None else state
+    writer = not any(isinstance(t, DTensor) for t in state.values()) or dist.get_rank() == 0
+    if model.cfg.tie_embeddings:
+        del state["lm_head.weight"]  # the same tensor as embed.weight: stored once, tied again on load
+    if not writer:
+        write_safetensors(None, state, dtype)  # this rank's part of each gather
+        return
     directory = os.path.abspath(directory)
     tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = model.state_dict()
-    if model.cfg.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as embed.weight: stored once, tied again on load
-    write_safetensors(os.path.join(tmp, "model.safetensors"), state)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), state, dtype)
     save_tokenizer(enc, tmp)
     meta = {"model": asdict(model.cfg), "stage": stage, "tokenizer_hash": tokenizer_hash(enc),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
@@ -445,7 +502,26 @@ def read_tokens(shards, start, length):
 # FSDP2: every rank holds 1/N of each parameter, gradient and optimizer state (ZeRO-3; TANUKI.md "General
 # guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native equivalent.
 
-def shard_model(model, mesh, param_dtype, activation_checkpoint=False, compile=False):
+AC_MODES = ("none", "selective", "full")
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing's policy (Korthikanti et al. 2022; torchtitan's "op" mode): keep the
+    outputs of the expensive products (matrix multiplies, attention) for the backward and recompute the cheap
+    elementwise ops (norms, RoPE, SiLU, the gating product) from them. About half the memory of keeping everything,
+    for a recompute of a few percent of the FLOPs instead of full checkpointing's one extra forward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    aten = torch.ops.aten
+    expensive = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten._grouped_mm.default,
+                 aten._scaled_dot_product_efficient_attention.default,
+                 aten._scaled_dot_product_flash_attention.default,
+                 aten._scaled_dot_product_flash_attention_for_cpu.default}
+    if op in expensive or str(op).startswith("nanotanuki."):  # the kernels' custom ops count as products
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=False, reshard_after_forward=True):
     """Shard `model` (a Transformer) in place over `mesh`, in torchtitan's order: the embedding, each block,
     the final norm + lm_head, then the root, which takes whatever is left. A block is all-gathered just before
     its forward and freed after it, so at most about one block's full weights exist at a time.
@@ -453,72 +529,159 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint=False, compile=F
     copy the optimizer updates stays float32, and gradients are reduce-scattered in float32 so that summing
     over hundreds of ranks does not round away small updates.
     A 1-D mesh is plain FSDP; a 2-D mesh ("replicate", "shard") is hybrid sharding: shard within a node
-    over NVLink, replicate across nodes, so only the gradient all-reduce crosses the slower network."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        checkpoint_wrapper,
-    )
+    over NVLink, replicate across nodes, so only the gradient all-reduce crosses the slower network.
+    activation_checkpoint: "none" keeps every activation, "selective" keeps the products' outputs and recomputes
+    the elementwise ops (_save_matmuls), "full" keeps only each block's input and recomputes the block (True and
+    False mean "full" and "none"). reshard_after_forward=False keeps each block gathered from its forward to its
+    backward: one all-gather per block per micro-batch instead of two, for the memory of the unsharded weights."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    mode = {True: "full", False: "none"}.get(activation_checkpoint, activation_checkpoint)
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpoint={activation_checkpoint!r}: use one of {AC_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+    def placement(param):
+        # FSDP shards dim 0 by default. The stacked experts (moe.py, (E, ffn, d) and (E, d, ffn)) have only E = 8
+        # rows there: over 128 ranks each shard would be padded to a whole expert and ranks 0-7 would hold ~15x
+        # their share. Their dim 1 (ffn 14336 or d_model 4096) splits evenly over any power-of-two group.
+        return Shard(1) if param.ndim == 3 else Shard(0)
+
     for i, block in enumerate(model.blocks):
-        if activation_checkpoint:
-            # recompute the block's activations in the backward instead of keeping them: at 8B and 4k
-            # sequences the kept activations would not fit next to the weights and optimizer state
+        if mode == "full":
+            # recompute the block's activations in the backward instead of keeping them
             block = checkpoint_wrapper(block, preserve_rng_state=False)  # no dropout: no RNG to replay
+        elif mode == "selective":
+            block = checkpoint_wrapper(block, preserve_rng_state=False,
+                                       context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
         if compile:
-            block.compile()  # per block, not the whole model: one graph compiled once, reused 32 times
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+            # per block, not the whole model: one graph compiled once, reused n_layer times. fullgraph: a graph
+            # break would silently split the block and lose the fusion (tests/test_moe.py checks there is none)
+            block.compile(fullgraph=True)
+        fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement,
+                    reshard_after_forward=reshard_after_forward)
         model.blocks[i] = block
     if not model.cfg.tie_embeddings:  # a tied weight belongs to two modules: leave it to the root
-        fully_shard(model.embed, mesh=mesh, mp_policy=mp)
+        fully_shard(model.embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         # the output layer runs last in the forward and first in the backward: keeping it gathered between the
         # two saves one all-gather of the largest matrix per step
         fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
+
+
+GRAD_SYNC_MODES = ("every", "last_all_reduce", "last")
+
+
+def set_grad_sync(model, last_micro_batch, grad_sync="every"):
+    """Which gradient communication the coming backward does, under gradient accumulation:
+    every            reduce-scatter (and, with HSDP, all-reduce across replicas) after every micro-batch
+    last_all_reduce  reduce-scatter every micro-batch, the cross-replica all-reduce (HSDP's slow inter-node hop)
+                     only after the last: the shard's float32 gradient accumulates locally in between
+    last             no gradient communication until the last micro-batch: the unsharded float32 gradients are
+                     kept meanwhile (the memory of a full gradient copy), then reduced once per step"""
+    if grad_sync not in GRAD_SYNC_MODES:
+        raise ValueError(f"grad_sync={grad_sync!r}: use one of {GRAD_SYNC_MODES}")
+    if grad_sync == "last":
+        model.set_requires_gradient_sync(last_micro_batch)
+    elif grad_sync == "last_all_reduce":
+        model.set_requires_all_reduce(last_micro_batch)
+
+
+def canonical_name(name):
+    """A parameter's name as in the model's state dict: without the prefixes that activation checkpointing and
+    torch.compile wrappers add to named_parameters()."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def local_slices(param):
+    """The part of the whole tensor that this rank's shard of `param` holds, as a tuple of slices (a plain tensor:
+    all of it)."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def init_sharded(model, seed, init_from=""):
+    """Fill a model that shard_model sharded and to_empty() materialized, each rank writing only its own shards:
+    no rank builds or reads the whole model (Tanuki-8x8B: 188 GB in float32). From scratch, every parameter is
+    drawn whole on this rank's device from a generator seeded by (seed, its name), by model.init_value, and only
+    this rank's slice is kept: one whole tensor exists at a time, and the weights do not depend on the number of
+    ranks. init_from: a checkpoint directory (save_checkpoint's); each rank reads only its slices of
+    model.safetensors (read_safetensors_slice), cast to the parameter's dtype.
+    Parameters not in the file (LoRA adapters added for fine-tuning) are drawn as from scratch."""
+    path = os.path.join(init_from, "model.safetensors")
+    stored, data_start = read_safetensors_header(path) if init_from else ({}, 0)
+    with open(path, "rb") if init_from else contextlib.nullcontext() as f:
+        for name, p in model.named_parameters():
+            name = canonical_name(name)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if local.numel() == 0:
+                continue
+            if name in stored:
+                if list(p.shape) != stored[name]["shape"]:
+                    raise ValueError(f"{path}: {name} is {stored[name]['shape']}, the model's is {list(p.shape)}")
+                read_safetensors_slice(f, stored[name], data_start, local_slices(p), local)
+                continue
+            generator = torch.Generator(local.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            whole = torch.empty(p.shape, dtype=local.dtype, device=local.device)
+            local.copy_(init_value(whole, name, model.cfg, generator)[local_slices(p)])
+            del whole
+        for name, b in model.named_buffers():  # buffers are not sharded; the MoE selection bias is the saved one
+            name = canonical_name(name)
+            if name in stored:
+                read_safetensors_slice(f, stored[name], data_start, local_slices(b), b)
+            elif name.endswith("expert_bias"):
+                b.zero_()
+    model.init_buffers()  # RoPE tables and counters
 
 
 # fine-tuning (sft.py, dpo.py): a checkpoint in, sharded, optionally with LoRA adapters; merged and saved out
 
-def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activation_checkpoint=False):
+def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activation_checkpoint=False, seed=0):
     """Collective. The checkpoint in `init_from` as a sharded model to fine-tune, as train.py builds one: on the meta
-    device, sharded, then filled from rank 0's full weights (only rank 0 reads the file). lora = (rank, alpha,
-    dropout, targets) adds adapters before sharding, so FSDP shards them with their block; rank 0 draws their
-    initial values. None: full fine-tuning."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    device, sharded, then each rank reads its own slices of the file (init_sharded). lora = (rank, alpha, dropout,
+    targets) adds adapters before sharding, so FSDP shards them with their block; their initial values are drawn
+    from `seed` (the same on any number of ranks). None: full fine-tuning."""
     with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
         cfg = ModelConfig(**json.load(f)["model"])
     with torch.device("meta"):
         model = Transformer(cfg)
-    full_state = {}
-    if dist.get_rank() == 0:
-        base = load_checkpoint(init_from, dtype=torch.float32)[0]
-        if lora:
-            add_lora(base, *lora)
-        full_state = base.state_dict()
-        del base
     if lora:
         add_lora(model, *lora)
     shard_model(model, mesh, param_dtype, activation_checkpoint)
     model.to_empty(device=device)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    model.init_buffers()
+    init_sharded(model, seed, init_from)
     return model
 
 
 def save_finetuned(model, directory, enc, stage, dtype, lora=None, extra=None):
-    """Collective. Gather the sharded model's full weights to rank 0's CPU, merge the adapters into the weights (in
-    float32, then cast: the update is small next to the weight it is added to) and write a plain checkpoint that
-    every later stage loads."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        with torch.device("meta"):
-            export = Transformer(model.cfg)
-        if lora:
-            add_lora(export, *lora)
-        export.load_state_dict(full, assign=True)
-        merge_lora(export)
-        save_checkpoint(directory, export.to(dtype), enc, stage=stage, extra=extra)
+    """Collective. Write a plain checkpoint that every later stage loads from the sharded model, with the adapters
+    merged into their weights: W + (alpha / r) B A, in float32, then cast (the update is small next to the weight
+    it is added to). Each rank merges its own rows: B's rows are sharded like W's (both have W's out_features), and
+    A (r x in_features) is small enough to gather whole. Then save_checkpoint gathers the tensors one at a time."""
+    state, export = model.state_dict(), {}
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    for name, w in state.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            continue
+        if not name.endswith(".base.weight"):
+            export[name] = w
+            continue
+        prefix = name[: -len(".base.weight")]
+        a, b = state[prefix + ".lora_a"], state[prefix + ".lora_b"]
+        a = a.full_tensor() if isinstance(a, DTensor) else a
+        merged = (local(w).float() + (local(b).float() @ a.float()) * (lora[1] / lora[0])).to(dtype)  # alpha / r
+        export[prefix + ".weight"] = (DTensor.from_local(merged, w.device_mesh, w.placements, shape=w.shape,
+                                                         stride=w.stride()) if isinstance(w, DTensor) else merged)
+    save_checkpoint(directory, model, enc, stage=stage, extra=extra, dtype=dtype, state=export)
     dist.barrier()
 
 
@@ -544,8 +707,12 @@ _async_group = None  # created on the first async save
 def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save=False):
     """Collective: every rank calls it. Writes model + optimizer shards and `meta` (a JSON-able dict) as the
     checkpoint of `step`, then keeps only the newest `keep`. With async_save the shards are written in the
-    background while training goes on and the returned function must be called later (before the next save and
-    at exit) to wait for the writes and rename the checkpoint into place; without it, returns None when done."""
+    background while training goes on, and the checkpoint is committed (renamed into place) by rank 0 the moment
+    the last rank's write is done, from the writer's own thread: a crash at any later moment resumes from it. The
+    returned function waits for that (call it before the next save and at exit); without async_save, returns None
+    when the checkpoint is committed."""
+    import threading
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     rank = dist.get_rank()
@@ -562,42 +729,55 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    pending = None
-    if async_save:
-        # the background writer's collectives get a process group of their own: on the training group they would
-        # interleave with FSDP's all-gathers and deadlock (torchtitan does the same)
-        global _async_group
-        _async_group = _async_group or dist.new_group(backend="gloo")
-        # DCP stages GPU tensors into CPU memory before it returns; CPU tensors could be written while the next
-        # optimizer steps change them in place, so they are copied first
-        from torch.utils._pytree import tree_map_only
-        state = tree_map_only(torch.Tensor, lambda t: t.detach().clone() if t.device.type == "cpu" else t, state)
-        pending = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group)
+
+    def commit():  # rank 0, once every rank's shards and DCP's .metadata are on disk
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            f.write(meta_text)
+        if os.path.exists(final):  # the same step again, after a rollback: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)  # the commit point: before it the previous checkpoint is the latest
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        for d in os.listdir(root):  # leftovers of saves that were killed
+            if d.endswith(".tmp") and d != os.path.basename(tmp):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
     if not async_save:
         dcp.save(state, checkpoint_id=tmp)
-
-    def finish():
-        if pending is not None:
-            pending.result()
         dist.barrier()  # every rank's shards are on disk
         if rank == 0:
-            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-                f.write(meta_text)
-            if os.path.exists(final):  # the same step again, after a rollback: replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)  # the commit point: before it the previous checkpoint is the latest
-            done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-            for old in done[:-keep] if keep > 0 else []:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-            for d in os.listdir(root):  # leftovers of saves that were killed
-                if d.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            commit()
+        dist.barrier()
+        return None
+    # the background writer's collectives get a process group of their own: on the training group they would
+    # interleave with FSDP's all-gathers and deadlock (torchtitan does the same)
+    global _async_group
+    _async_group = _async_group or dist.new_group(backend="gloo")
+    # DCP stages GPU tensors into CPU memory before it returns; CPU tensors could be written while the next
+    # optimizer steps change them in place, so they are copied first
+    from torch.utils._pytree import tree_map_only
+    state = tree_map_only(torch.Tensor, lambda t: t.detach().clone() if t.device.type == "cpu" else t, state)
+    pending = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group)
+    committed = threading.Event()
+
+    def on_written(future):
+        # DCP's save ends with the coordinator (rank 0) gathering every rank's write results and writing .metadata,
+        # so rank 0's future completing means the whole checkpoint is on disk
+        try:
+            if rank == 0 and future.exception() is None:
+                commit()
+        finally:
+            committed.set()
+
+    pending.add_done_callback(on_written)
+
+    def finish():
+        pending.result()  # raises if a write failed
+        committed.wait()
         dist.barrier()
 
-    if async_save:
-        return finish
-    finish()
-    return None
+    return finish
 
 
 def load_train_checkpoint(directory, model, optimizer, expect=None):

@@ -365,7 +365,7 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     if reference not in ("precomputed", "adapters_off"):
         raise SystemExit(f"reference must be 'precomputed' or 'adapters_off', got {reference!r}")
     model = load_for_finetuning(policy_dir, init_device_mesh(device_type, (world_size,)), device, torch_dtype, lora,
-                                activation_checkpoint)
+                                activation_checkpoint, seed + round_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],

@@ -171,6 +171,25 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def init_value(p, name, cfg, generator=None):
+    """Fill `p` (the whole tensor of the parameter called `name`) with its initial values, in place. One rule for
+    the model built whole (Transformer.init_weights) and for a sharded one (common.init_sharded, which draws each
+    whole tensor from a generator seeded by its name and keeps its own slice)."""
+    if name.endswith("norm.weight"):
+        return p.fill_(1.0)
+    if name.endswith("lora_b"):  # LoRA's B starts at 0: the adapted model starts as the base model
+        return p.zero_()
+    if name.endswith("lora_a"):  # nn.Linear's own (Kaiming uniform, a = sqrt(5)) bound, 1 / sqrt(fan_in)
+        bound = 1 / math.sqrt(p.size(-1))
+        return p.uniform_(-bound, bound, generator=generator)
+    std = cfg.init_std
+    if name.endswith(("attn.wo.weight", "ffn.w_down.weight", "ffn.w_down")):  # dense, or stacked experts
+        # projections that write into the residual stream: std / sqrt(2 n_layer), so the stream's variance does not
+        # grow with depth (GPT-2 paper; Megatron's scaled_init_method_normal, which Tanuki used)
+        std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    return p.normal_(0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -190,21 +209,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialize every weight. Separate from __init__ so that a model built on the meta device and
-        sharded by FSDP can be materialized with `to_empty()` and then initialized in place (torchtitan's way)."""
-        cfg = self.cfg
+        sharded by FSDP can be materialized with `to_empty()` and then initialized in place (torchtitan's way);
+        a sharded model is filled rank by rank by common.init_sharded with the same rule (init_value)."""
         self.init_buffers()
         for m in self.modules():
             if isinstance(m, MoE):
                 m.expert_bias.zero_()
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attn.wo.weight", "ffn.w_down.weight", "ffn.w_down")):  # dense, or stacked experts
-                # projections that write into the residual stream: std / sqrt(2 n_layer), so the stream's variance
-                # does not grow with depth (GPT-2 paper; Megatron's scaled_init_method_normal, which Tanuki used)
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
-            else:
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+            init_value(p, name, self.cfg)
 
     @torch.no_grad()
     def init_buffers(self):

@@ -228,7 +228,7 @@ print0(f"{rows_per_epoch:,} rows of <= {seq_len} tokens per epoch ({'packed' if 
 
 lora = (lora_rank, lora_alpha, lora_dropout, tuple(lora_targets)) if lora_rank else None
 mesh = init_device_mesh(device_type, (world_size,))
-model = load_for_finetuning(init_from, mesh, device, ptdtype, lora, activation_checkpoint)
+model = load_for_finetuning(init_from, mesh, device, ptdtype, lora, activation_checkpoint, seed)
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "

@@ -29,17 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 
 from common import (
     cleanup_distributed,
+    init_sharded,
     latest_checkpoint,
-    load_checkpoint,
     load_config,
     load_train_checkpoint,
     lr_at,
@@ -50,6 +45,7 @@ from common import (
     read_tokens,
     save_checkpoint,
     save_train_checkpoint,
+    set_grad_sync,
     setup_distributed,
     shard_model,
 )
@@ -112,7 +108,13 @@ device = "auto"
 dtype = "bfloat16"        # bf16 compute, float32 master weights and gradient reduction; no FP8 (the failed 38B
                           # run used it)
 compile = False           # torch.compile each block
-activation_checkpoint = True
+activation_checkpoint = "full"  # "none", "selective" (keep the products, recompute the rest) or "full" (keep
+                                # each block's input only): common.shard_model
+reshard_after_forward = True    # False: keep each block gathered from its forward to its backward (one all-gather
+                                # per block per micro-batch instead of two, for the memory of the gathered weights)
+grad_sync = "every"             # gradient communication under accumulation (common.set_grad_sync): "every"
+                                # micro-batch, "last_all_reduce" (HSDP: cross-node all-reduce on the last only) or
+                                # "last" (unsharded gradients kept until the last micro-batch)
 hsdp_replicas = 0         # >1: hybrid sharding, replicate over this many groups (nodes), shard within each
 pg_timeout_minutes = 30   # Tanuki's slow checkpoint saves needed 30 instead of 10 ("What failed")
 # -----------------------------------------------------------------------------
@@ -152,8 +154,7 @@ if not sources:
 train_shards, val_shards = {}, {}
 for name in sources:
     train_shards[name], _ = open_shards(data_dir, name, "train", enc_hash, min_tokens=seq_len + 1)
-    # every rank must run the same number of validation forwards (each one is a collective under FSDP)
-    val_shards[name], _ = open_shards(data_dir, name, "val", enc_hash, min_tokens=world_size * seq_len + 1)
+    val_shards[name], _ = open_shards(data_dir, name, "val", enc_hash, min_tokens=seq_len + 1)
 if not sources:
     raise SystemExit(f"no sources in {data_dir}: expected <source>/meta.json folders written by prepare_data.py")
 if not stages[0][1]:  # the natural mixture: each source as often as it has tokens
@@ -206,8 +207,10 @@ def next_batch():
 
 
 # -----------------------------------------------------------------------------
-# model: built on the meta device (no memory), sharded, then filled from rank 0's full weights shard by shard.
-# Random init happens on rank 0 alone, so the weights do not depend on the number of ranks.
+# model: built on the meta device (no memory), sharded, then each rank fills only its own shards (common.init_sharded):
+# from scratch by drawing each tensor from a generator seeded by its name, or from init_from by reading its slices of
+# the file. No host ever holds the whole model (the 8x8B is 188 GB in float32), and the weights do not depend on the
+# number of ranks.
 
 if init_from:
     with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
@@ -223,12 +226,6 @@ if seq_len > model_cfg.max_seq_len:
     raise SystemExit(f"seq_len={seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}")
 with torch.device("meta"):
     model = Transformer(model_cfg)
-full_state = {}
-if master:
-    if init_from:
-        full_state = load_checkpoint(init_from, dtype=torch.float32)[0].state_dict()
-    else:
-        full_state = Transformer(model_cfg).state_dict()  # on the CPU, seeded above
 if hsdp_replicas > 1:
     if world_size % hsdp_replicas:
         raise SystemExit(f"hsdp_replicas={hsdp_replicas} must divide the {world_size} ranks (one replica per node)")
@@ -236,11 +233,9 @@ if hsdp_replicas > 1:
                             mesh_dim_names=("replicate", "shard"))
 else:
     mesh = init_device_mesh(device_type, (world_size,))
-shard_model(model, mesh, ptdtype, activation_checkpoint, compile)
+shard_model(model, mesh, ptdtype, activation_checkpoint, compile, reshard_after_forward)
 model.to_empty(device=device)
-set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-model.init_buffers()  # RoPE tables (and MoE counters): buffers a state dict does not hold
-del full_state
+init_sharded(model, seed, init_from)
 flops_per_token = model.flops_per_token(seq_len)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {world_size} ranks, {grad_accum} micro-batches of "
        f"{micro_batch_size} x {seq_len} per rank per step, {tokens_per_step:,} tokens per step")
@@ -282,20 +277,26 @@ def train_state():
 @torch.no_grad()
 def evaluate():
     """Mean validation loss per source over the same windows at every evaluation and on any number of ranks: the
-    first eval_iters x micro_batch_size windows of each source's val split, dealt round-robin to the ranks."""
+    first eval_iters x micro_batch_size windows of each source's val split (all of them if it has fewer), dealt
+    round-robin to the ranks. Every rank runs the same number of forwards, since under FSDP each one is a collective:
+    when the windows do not divide evenly (8 windows over 128 ranks), a rank with none left runs window 0 with every
+    target ignored, which adds nothing to the sum."""
     model.eval()
     out = {}
     for name in sources:
-        n = (sum(len(s) for s in val_shards[name]) - 1) // seq_len
-        per = min(n, eval_iters * micro_batch_size) // world_size  # windows per rank
+        n = min((sum(len(s) for s in val_shards[name]) - 1) // seq_len, eval_iters * micro_batch_size)
+        per = -(-n // world_size)  # windows per rank, rounded up
         total = torch.zeros((), device=device)
         for first in range(0, per, micro_batch_size):
             windows = [rank + world_size * i for i in range(first, min(first + micro_batch_size, per))]
-            batch = torch.from_numpy(np.stack([read_tokens(val_shards[name], w * seq_len, seq_len + 1)
-                                               for w in windows])).to(device)
-            total += model(batch[:, :-1], batch[:, 1:])[1] * len(windows)
+            batch = torch.from_numpy(np.stack([read_tokens(val_shards[name], (w if w < n else 0) * seq_len,
+                                                           seq_len + 1) for w in windows])).to(device)
+            targets = batch[:, 1:].clone()
+            targets[torch.tensor([w >= n for w in windows], device=device)] = -1  # padding: ignored by the loss
+            real = sum(w < n for w in windows)
+            total += model(batch[:, :-1], targets)[1] * real  # the mean over real rows' tokens, times their count
         dist.all_reduce(total)
-        out[name] = total.item() / (per * world_size)
+        out[name] = total.item() / n
     model.train()
     return out
 
@@ -353,6 +354,7 @@ while step < max_iters:
 
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
+        set_grad_sync(model, micro == grad_accum - 1, grad_sync)
         x, y = batch[micro, :, :-1].to(device), batch[micro, :, 1:].to(device)  # (micro_batch_size, seq_len)
         if z_loss:
             # pulls log Z of the softmax toward 0 so the logits cannot drift large (PaLM's auxiliary loss). It
@@ -497,14 +499,10 @@ if finish_save is not None:
 # the model alone, consolidated, in `dtype`: the input of upcycle.py, sft.py, eval.py and serve.py
 
 if not lr_range_test and not stop:  # after SIGTERM the grace period is for the checkpoint
-    # collective: every rank sends its shards, rank 0 gets the whole model in CPU memory
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        with torch.device("meta"):
-            export = Transformer(model_cfg)
-        export.load_state_dict({k: v.to(ptdtype) for k, v in full.items()}, assign=True)
-        save_checkpoint(os.path.join(out_dir, "model"), export, enc, stage="pretrain",
-                        extra={"step": step, "tokens": loader["batches"] * tokens_per_step, "config": config})
-        print0(f"saved the model to {os.path.join(out_dir, 'model')}")
+    # collective: the tensors are gathered one at a time and rank 0 writes each as it arrives, so no rank ever holds
+    # more than one whole tensor of the model (common.save_checkpoint)
+    save_checkpoint(os.path.join(out_dir, "model"), model, enc, stage="pretrain", dtype=ptdtype,
+                    extra={"step": step, "tokens": loader["batches"] * tokens_per_step, "config": config})
+    print0(f"saved the model to {os.path.join(out_dir, 'model')}")
 dist.barrier()  # every rank leaves together, after rank 0's export: torchrun then sees one clean exit
 cleanup_distributed()

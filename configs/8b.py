@@ -37,6 +37,6 @@ keep_checkpoints = 3
 log_interval = 10
 eval_interval = 1000
 eval_iters = 8
-activation_checkpoint = True  # 4k-token activations of 32 layers do not fit beside the shards otherwise
+activation_checkpoint = "full"  # 4k-token activations of 32 layers do not fit beside the shards otherwise
 compile = True
 pg_timeout_minutes = 30  # the 8x8B's checkpoint saves to slow storage needed 30, not 10 ("What failed")

@@ -32,6 +32,6 @@ checkpoint_interval = 100
 log_interval = 10
 eval_interval = 100
 eval_iters = 4
-activation_checkpoint = False  # recomputation only pays when activations do not fit; they always do here
+activation_checkpoint = "none"  # recomputation only pays when activations do not fit; they always do here
 # stability: a shorter window for a 300-step run
 spike_window = 50

@@ -5,6 +5,8 @@ FAULTS is a JSON object; counts are 0-based training forward calls (one per micr
     spike:    [calls] whose loss is multiplied by 30 (a loss and grad-norm spike)
     kill:     call at which this process SIGKILLs itself before the forward (kill -9 mid-run)
     term:     call at which this process sends itself SIGTERM (a preemption notice) and goes on
+    kill_when_committed: [call, directory]: at that call, wait until the checkpoint directory exists (an async save
+              being committed in the background), then SIGKILL: kill -9 right after an async checkpoint landed
     kill_in_save: n, SIGKILL after the n-th (1-based) checkpoint's shards are written but before it is committed
     record:   a file that gets one line per training forward: a hash of its input token ids
     slow_rank: the rank whose optimizer steps take 250 ms longer (a GPU shared with a leftover process)
@@ -36,6 +38,14 @@ def faulty_forward(self, idx, targets=None, *args, **kwargs):
     n = calls["forward"]
     calls["forward"] += 1
     if faults.get("kill") == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if faults.get("kill_when_committed", [None])[0] == n:
+        # wait on the event itself, not on a clock: the commit needs no further step, save or exit to happen
+        committed, deadline = faults["kill_when_committed"][1], time.monotonic() + 300
+        while not os.path.isdir(committed):
+            if time.monotonic() > deadline:
+                sys.exit(f"faults.py: {committed} was never committed while training went on")
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     if faults.get("term") == n:
         os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does before a preemption

@@ -291,7 +291,9 @@ def test_upcycled_moe_learns_and_its_experts_drift_apart(tmp_path, data_dir):
 
 
 def test_two_ranks_train_the_same_moe_as_one(tmp_path, data_dir):
-    args = SMALL + ["--max_iters=4", "--n_experts=4", "--moe_top_k=2", "--moe_z_loss_coef=0.001"]
+    # the stacked experts are sharded on their ffn / d_model dim (common.shard_model), not on the expert dim
+    args = SMALL + ["--max_iters=4", "--n_experts=4", "--moe_top_k=2", "--moe_z_loss_coef=0.001",
+                    "--checkpoint_interval=2"]
     train(tmp_path / "one", data_dir, *args)
     train(tmp_path / "two", data_dir, *args, nproc=2)
     one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
@@ -299,3 +301,78 @@ def test_two_ranks_train_the_same_moe_as_one(tmp_path, data_dir):
     for step in one:
         assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, step
         assert abs(one[step]["grad_norm"] - two[step]["grad_norm"]) < 1e-4 * one[step]["grad_norm"], step
+    # the 2-rank DCP checkpoint of step 2 resumes on 1 rank to the same losses
+    train(tmp_path / "resumed", data_dir, *args, f"--resume={tmp_path / 'two' / 'checkpoints' / 'step_00000002'}")
+    resumed = metrics(tmp_path / "resumed")[0]
+    assert all(abs(resumed[s]["loss"] - one[s]["loss"]) < 1e-5 for s in (3, 4))
+    # the export, gathered tensor by tensor from 2 ranks, is the 1-rank model: every expert in its place
+    import torch
+    model_one, model_two = (common.load_checkpoint(tmp_path / d / "model")[0] for d in ("one", "two"))
+    for (name, a), (_, b) in zip(model_one.state_dict().items(), model_two.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_evaluation_works_with_more_ranks_than_windows(tmp_path, data_dir):
+    # 1 validation window per source over 2 ranks (at 128 GPUs: 8 windows over 128 ranks): rank 1 has none, runs a
+    # forward that adds nothing, and the mean is the 1-rank mean
+    args = SMALL + ["--micro_batch_size=1", "--eval_iters=1", "--eval_interval=2", "--max_iters=2"]
+    train(tmp_path / "one", data_dir, *args)
+    train(tmp_path / "two", data_dir, *args, nproc=2)
+    val_one, val_two = ([r["val_loss"] for r in metrics(tmp_path / d)[1] if "val_loss" in r] for d in ("one", "two"))
+    assert len(val_one) == len(val_two) == 1 and set(val_one[0]) == {"en", "ja"}
+    assert all(abs(val_one[0][k] - val_two[0][k]) < 1e-5 for k in val_one[0]), (val_one, val_two)
+
+
+def test_async_checkpoint_is_committed_when_written_and_survives_kill_9(tmp_path, data_dir, uninterrupted):
+    losses, _ = uninterrupted
+    # the step-4 checkpoint is written in the background; two steps later (forward call 12: step 7's first
+    # micro-batch), once it is committed, the process is killed: no later save or exit ever happened to commit it
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    out = train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=4", "--async_checkpoint",
+                faults={"kill_when_committed": [12, str(checkpoint)]}, expect_fail=True)
+    assert "was never committed" not in out.stderr + out.stdout
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004"]
+    out = train(tmp_path, data_dir, *SMALL, "--checkpoint_interval=4", "--async_checkpoint", "--resume=auto")
+    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    resumed, _ = metrics(tmp_path)
+    assert [resumed[s]["loss"] for s in range(5, 13)] == [losses[s]["loss"] for s in range(5, 13)]
+
+
+def probe(out_dir, data_dir, nproc, init_from="-", d_model=256, n_layer=8, n_experts=0):
+    """tests/shard_probe.py at nproc ranks: one JSON record of host memory per rank."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "PROBE_TOKENIZER": data_dir, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(launcher + [os.path.join(ROOT, "tests", "shard_probe.py"), str(out_dir), "7", str(init_from),
+                                     str(d_model), str(n_layer), str(n_experts)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return [json.loads(Path(f"{out_dir}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_per_rank_init_is_independent_of_ranks_and_never_holds_the_model(tmp_path, data_dir):
+    # from scratch: each rank draws each tensor from a generator seeded by its name and keeps its slice, so 1 and 2
+    # ranks give the same weights, bit for bit (the exports are gathered tensor by tensor)
+    for n_experts in (0, 4):
+        one = probe(tmp_path / f"one{n_experts}", data_dir, 1, n_experts=n_experts, d_model=64, n_layer=2)
+        two = probe(tmp_path / f"two{n_experts}", data_dir, 2, n_experts=n_experts, d_model=64, n_layer=2)
+        assert len(one) == 1 and len(two) == 2
+        weights = (tmp_path / f"one{n_experts}" / "model.safetensors").read_bytes()
+        assert weights == (tmp_path / f"two{n_experts}" / "model.safetensors").read_bytes()
+        # init_from: each rank reads its slices of that file; 2 ranks give back exactly the file
+        probe(tmp_path / f"again{n_experts}", data_dir, 2, init_from=tmp_path / f"one{n_experts}", n_experts=n_experts,
+              d_model=64, n_layer=2)
+        assert (tmp_path / f"again{n_experts}" / "model.safetensors").read_bytes() == weights
+    model = common.load_checkpoint(tmp_path / "one4")[0]
+    # stacked experts: each expert drawn with the model's init rule (std 0.02 and 0.02 / sqrt(2 n_layer) for w_down)
+    assert abs(model.blocks[0].ffn.w_up.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].ffn.w_down.std().item() - 0.01) < 0.001
+    # host memory of a ~70 MB model (float32) on 2 ranks: from scratch, through the export, and from a file; no rank
+    # grows by more than its shard plus one block and allocator slack (rank 0 used to hold the whole model, then
+    # gather it whole for the export: 2x the model on one host)
+    scratch = probe(tmp_path / "big", data_dir, 2, d_model=384, n_layer=8)
+    loaded = probe(tmp_path / "big_again", data_dir, 2, init_from=tmp_path / "big", d_model=384, n_layer=8)
+    for r in scratch + loaded:
+        assert r["model_bytes"] > 60e6 and r["shard_bytes"] < 0.51 * r["model_bytes"]
+        grown = r["after_export"] - r["start"]
+        assert grown < r["shard_bytes"] + 2 * r["block_bytes"] + 16e6, (r, grown / 1e6)
