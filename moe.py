@@ -5,7 +5,7 @@ to the top 2, their outputs summed with the router's gates. model.py uses `MoE` 
 
     x (N tokens, d) -> router (float32) -> top-k experts + gates per token
       -> sort the N*k (token, expert) assignments by expert -> one SwiGLU per expert on its contiguous slice
-      -> weight by the gates and add back into token order
+         (all experts in one grouped matrix multiply) -> weight by the gates and add back into token order
 
 Experts are stacked weights, w_gate/w_up (E, ffn_hidden, d) and w_down (E, d, ffn_hidden), laid out as nn.Linear's
 (out, in) so that expert e of an upcycled model is literally the dense FFN's matrices (upcycle.py), and so that a
@@ -56,11 +56,18 @@ def route(logits, top_k, mode, bias=None):
     return experts, gates, probs
 
 
+def expert_counts(experts, n_experts):
+    """(E,) int64: how many of the N*k assignments went to each expert. A bincount of static length: torch.bincount's
+    output size depends on the data, which torch.compile cannot trace without a graph break."""
+    flat = experts.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def balance_loss(probs, experts, n_experts):
     """Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_i f_i * P_i with f_i the fraction of the N*k
     assignments that went to expert i and P_i the mean router probability of expert i. 1.0 when uniform.
     f is counted, not differentiable; the gradient reaches the router through P."""
-    f = torch.bincount(experts.reshape(-1), minlength=n_experts).float() / experts.numel()
+    f = expert_counts(experts, n_experts).float() / experts.numel()
     return n_experts * (f * probs.mean(dim=0)).sum()
 
 
@@ -87,30 +94,98 @@ def expert_loop(x, experts, gates, w_gate, w_up, w_down, capacity=None):
     return y
 
 
+# -----------------------------------------------------------------------------
+# grouped matrix multiply: every expert's product on its contiguous slice of the sorted rows, in one call.
+# torch._grouped_mm does exactly this, but torch.compile's shape rules for it (its meta function) accept only
+# bfloat16 (PyTorch 2.13), and the CPU runs in float32. So it is wrapped as an opaque custom op: the compiler sees
+# one node of known output shape and never looks inside, whatever the dtype. Its name starts with "nanotanuki.",
+# which common.py's selective activation checkpointing keeps as a product's output.
+
+def _grouped_mm_fits(*tensors):
+    # torch._grouped_mm runs on the CPU in any float dtype and on CUDA in bf16 from sm90 (Hopper), with every
+    # stride and start address a multiple of 16 bytes; anything else takes the per-expert loop
+    def device_ok(t):
+        return t.device.type == "cpu" or (t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)
+                                          >= (9, 0))
+    return all(device_ok(t) and t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0
+                                                                for s in t.stride()) for t in tensors)
+
+
+@torch.library.custom_op("nanotanuki::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (M, K) sorted by expert, w (E, N, K), ends (E,) int32 with ends[E - 1] = M -> (M, N): x[rows of e] @ w[e]^T."""
+    wt = w.transpose(-2, -1)
+    if _grouped_mm_fits(x, wt):
+        return torch._grouped_mm(x, wt, offs=ends)
+    y, start = x.new_empty(x.shape[0], w.shape[1]), 0
+    for e, end in enumerate(ends.tolist()):  # the reference: one product per expert (a host sync, hidden in here)
+        y[start:end] = F.linear(x[start:end], w[e])
+        start = end
+    return y
+
+
+@torch.library.custom_op("nanotanuki::grouped_mm_weight", mutates_args=())
+def grouped_mm_weight(dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The weight gradient: dw (E, N, K) with dw[e] = dy[rows of e]^T x[rows of e]; zero for an expert without rows."""
+    if _grouped_mm_fits(dy.t(), x):
+        return torch._grouped_mm(dy.t(), x, offs=ends)
+    dw, start = x.new_zeros(ends.shape[0], dy.shape[1], x.shape[1]), 0
+    for e, end in enumerate(ends.tolist()):
+        dw[e] = dy[start:end].t() @ x[start:end]
+        start = end
+    return dw
+
+
+@grouped_mm.register_fake
+def _(x, w, ends):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@grouped_mm_weight.register_fake
+def _(dy, x, ends):
+    return x.new_empty(ends.shape[0], dy.shape[1], x.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, ends = ctx.saved_tensors
+    dy = dy.contiguous()
+    # dx = dy @ w[e] per group: the same op on w read as (E, K, N)
+    return grouped_mm(dy, w.transpose(-2, -1), ends), grouped_mm_weight(dy, x, ends), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
     """Dropless (unless `capacity` is set) dispatch: sort the N*k assignments by expert so that each expert's
-    tokens are one contiguous slice, run each expert on its slice, and add the gated outputs back by token."""
+    tokens are one contiguous slice, run all experts at once with a grouped GEMM, and add the gated outputs back
+    by token. Every shape is fixed by N, k and E alone, never by the routing (torch.compile traces it whole):
+    capacity does not remove the dropped assignments, it zeroes their gates, which gives the same output and
+    the same gradients (a dropped row's product is multiplied by 0; its gate's gradient is 0)."""
     if kernels.use_triton(x):  # on CUDA: kernels/moe.py, whose reference is the rest of this function
         return kernels.moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
     N, k = experts.shape
     E = w_gate.size(0)
     flat = experts.reshape(-1)                              # (N*k,) expert of each assignment
     order = torch.argsort(flat, stable=True)                # grouped by expert, token order kept inside a group
-    counts = torch.bincount(flat, minlength=E)              # (E,) tokens per expert
+    counts = expert_counts(experts, E)                      # (E,) tokens per expert
+    ends = torch.cumsum(counts, 0)                          # expert e owns sorted rows [ends[e-1], ends[e])
+    gate = gates.reshape(-1)[order]                         # (N*k,) in expert order
     if capacity is not None:
-        # rank of each sorted assignment inside its expert's group; beyond capacity it is dropped
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(N * k, device=x.device) - starts[flat[order]]
-        order = order[rank < capacity]
-        counts = counts.clamp(max=capacity)
+        # rank of each sorted assignment inside its expert's group: the first `capacity` in token order stay
+        rank = torch.arange(N * k, device=x.device) - (ends - counts)[flat[order]]
+        gate = torch.where(rank < capacity, gate, 0)
     token = order // k                                      # which token each sorted assignment belongs to
-    # ---- on CUDA kernels/moe.py does this part too (dispatched above): the permutation (gather of x in expert
-    # order and its inverse) and a grouped GEMM over the variable-size expert slices, without padding every expert
-    # to the largest. The loop below is its reference: E small matmuls on contiguous slices.
-    xs = x[token]                                           # (assignments kept, d) in expert order
-    outs = [swiglu(chunk, w_gate[e], w_up[e], w_down[e])
-            for e, chunk in enumerate(torch.split(xs, counts.tolist()))]
-    out = torch.cat(outs) * gates.reshape(-1)[order, None].to(x.dtype)
+    # ---- on CUDA kernels/moe.py does this part too (dispatched above), with its own grouped GEMM that skips the
+    # dropped rows
+    xs = x[token]                                           # (N*k, d) in expert order
+    ends = ends.int()
+    h = F.silu(grouped_mm(xs, w_gate, ends)) * grouped_mm(xs, w_up, ends)
+    out = grouped_mm(h, w_down, ends) * gate[:, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, out)
 
 
@@ -145,7 +220,7 @@ class MoE(nn.Module):
         self.aux_loss = balance_loss(probs, experts, self.n_experts)
         self.z_loss = router_z_loss(logits)
         with torch.no_grad():  # kept as tensors: turning them into numbers here would sync the GPU every layer
-            counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts).float()
+            counts = expert_counts(experts, self.n_experts).float()
             if self.training:
                 self.tokens_per_expert += counts
             load = counts / experts.numel()

@@ -13,9 +13,21 @@ on CPU tensors too, which works only under TRITON_INTERPRET=1 (Triton's interpre
 is read at every call, so a test can switch it.
 
 The kernel modules are imported on first use: a CPU run that never uses them never imports Triton.
+
+Each entry point the model calls is a custom op, nanotanuki::<name>, with its backward a second op. A launch picks
+its grid on the host (and MoE's reads sizes from the data), which torch.compile cannot trace: as custom ops the
+compiler sees one node each, of output shapes given by the register_fake functions below (no Triton needed to
+trace), and compiles whole blocks with fullgraph=True around them. The "nanotanuki." prefix is also what common.py's
+selective activation checkpointing keeps as a product's output. The ops return what their backward needs (the
+attention's log-sum-exp, RMSNorm's 1/rms, the MoE's expert-order buffers) as extra outputs, so nothing is hidden in
+Python state; the kernel modules' `forward` / `backward` functions do the work, unchanged.
 """
 
 import os
+from typing import Optional
+
+import torch
+from torch import Tensor
 
 
 def use_triton(tensor):
@@ -31,26 +43,219 @@ def use_triton(tensor):
     return choice == "triton" or tensor.device.type == "cuda"
 
 
+# -----------------------------------------------------------------------------
+# flash attention (attention.py)
+
+@torch.library.custom_op("nanotanuki::flash_attention", mutates_args=())
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    from kernels.attention import forward
+    return forward(q, k, v, causal)
+
+
+@_flash_attention.register_fake
+def _(q, k, v, causal):
+    B, H, T, D = q.shape  # O is a (B, H, T, D) view of a (B, T, H, D) buffer, as attention.forward allocates it
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanotanuki::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                              causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from kernels.attention import backward
+    return backward(do, q, k, v, o, lse, causal)
+
+
+@_flash_attention_backward.register_fake
+def _(do, q, k, v, o, lse, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attention_setup(ctx, inputs, output):
+    q, k, v, causal = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.causal = causal
+
+
+def _flash_attention_grad(ctx, do, _):
+    return *_flash_attention_backward(do, *ctx.saved_tensors, ctx.causal), None
+
+
+_flash_attention.register_autograd(_flash_attention_grad, setup_context=_flash_attention_setup)
+
+
 def flash_attention(q, k, v, causal=True):
-    from kernels.attention import flash_attention
-    return flash_attention(q, k, v, causal)
+    """q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim) -> (B, n_head, T, head_dim)."""
+    return _flash_attention(q, k, v, causal)[0]
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm (rmsnorm.py)
+
+@torch.library.custom_op("nanotanuki::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    from kernels.rmsnorm import forward
+    return forward(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("nanotanuki::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    from kernels.rmsnorm import backward
+    return backward(dy, x, weight, rstd)
+
+
+@_rms_norm_backward.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _):
+    return *_rms_norm_backward(dy, *ctx.saved_tensors), None
+
+
+_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def rms_norm(x, weight, eps):
-    from kernels.rmsnorm import rms_norm
-    return rms_norm(x, weight, eps)
+    return _rms_norm(x, weight, eps)[0]
 
 
-def linear_cross_entropy(x, weight, targets, loss_mask=None):
-    from kernels.cross_entropy import linear_cross_entropy
-    return linear_cross_entropy(x, weight, targets, loss_mask)
+# -----------------------------------------------------------------------------
+# lm_head + cross-entropy (cross_entropy.py). Its forward computes the gradients too (chunk by chunk, while each
+# chunk's logits exist); the backward only scales them by the incoming gradient, plain PyTorch, so it needs no op
+
+@torch.library.custom_op("nanotanuki::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, chunk: int,
+                          needs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from kernels.cross_entropy import forward
+    return forward(x, weight, targets, weights, chunk, needs_grad)
+
+
+@_linear_cross_entropy.register_fake
+def _(x, weight, targets, weights, chunk, needs_grad):
+    # without gradients dx and dW are empty: a custom op cannot return None
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if needs_grad else (0,)),
+            weight.new_empty(weight.shape if needs_grad else (0,)))
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _linear_cross_entropy_grad(ctx, grad_loss, *_):
+    dx, dw = ctx.saved_tensors
+    return dx * grad_loss.to(dx.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None
+
+
+_linear_cross_entropy.register_autograd(_linear_cross_entropy_grad, setup_context=_linear_cross_entropy_setup)
+
+
+def linear_cross_entropy(x, weight, targets, loss_mask=None, chunk=None):
+    """x: (..., d_model), weight: (vocab, d_model), targets: (...) with -1 ignored, loss_mask: (...) or None.
+    Returns the mean loss over the tokens that count, as model.py's forward computes it from full logits."""
+    from kernels.cross_entropy import CHUNK, token_weights
+    x = x.reshape(-1, x.shape[-1])
+    targets = targets.reshape(-1)
+    weights = token_weights(targets, None if loss_mask is None else loss_mask.reshape(-1))
+    # the op's forward runs under no autograd, so whether gradients are wanted is decided out here
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _linear_cross_entropy(x, weight, targets, weights, chunk or CHUNK, needs_grad)[0]
+
+
+# -----------------------------------------------------------------------------
+# MoE routing (moe.py). The router's backward is a few PyTorch ops on the saved indices, no kernel: the compiler
+# traces it like any other code
+
+@torch.library.custom_op("nanotanuki::moe_route", mutates_args=())
+def _moe_route(logits: Tensor, bias: Optional[Tensor], top_k: int, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    from kernels.moe import route_forward
+    return route_forward(logits, bias, top_k, mode)
+
+
+@_moe_route.register_fake
+def _(logits, bias, top_k, mode):
+    N, E = logits.shape
+    return (logits.new_empty(N, top_k, dtype=torch.int64), logits.new_empty(N, top_k), logits.new_empty(N, E))
+
+
+def _moe_route_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *output)
+    ctx.mode = inputs[3]
+
+
+def _moe_route_grad(ctx, _, d_gates, d_probs):
+    from kernels.moe import route_backward
+    return route_backward(d_gates, d_probs, *ctx.saved_tensors, ctx.mode), None, None, None
+
+
+_moe_route.register_autograd(_moe_route_grad, setup_context=_moe_route_setup)
 
 
 def moe_route(logits, top_k, mode, bias=None):
-    from kernels.moe import route
-    return route(logits, top_k, mode, bias)
+    """moe.route through the fused kernel: (experts, gates, probs)."""
+    return _moe_route(logits, bias, top_k, mode)
+
+
+# -----------------------------------------------------------------------------
+# the MoE experts (moe.py's expert_sorted)
+
+@torch.library.custom_op("nanotanuki::moe_ffn", mutates_args=())
+def _moe_ffn(x: Tensor, experts: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+             capacity: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from kernels.moe import ffn_forward
+    return ffn_forward(x, experts, gates, w_gate, w_up, w_down, capacity)
+
+
+@_moe_ffn.register_fake
+def _(x, experts, gates, w_gate, w_up, w_down, capacity):
+    # y, then what the backward needs: the gathered input xs and the products g, u and out in expert order
+    # (N*k rows whatever capacity drops), each assignment's row, each row's assignment, the experts' row offsets
+    (N, d), rows, f = x.shape, experts.numel(), w_gate.shape[1]
+    index = experts.new_empty(rows, dtype=torch.int32)
+    return (x.new_empty(N, d), x.new_empty(rows, d), x.new_empty(rows, f), x.new_empty(rows, f),
+            x.new_empty(rows, d), index, torch.empty_like(index), index.new_empty(w_gate.shape[0] + 1))
+
+
+@torch.library.custom_op("nanotanuki::moe_ffn_backward", mutates_args=())
+def _moe_ffn_backward(dy: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, xs: Tensor,
+                      g: Tensor, u: Tensor, out: Tensor, position: Tensor, sorted_assign: Tensor, offsets: Tensor,
+                      capacity: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from kernels.moe import ffn_backward
+    return ffn_backward(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets,
+                        capacity)
+
+
+@_moe_ffn_backward.register_fake
+def _(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets, capacity):
+    return (torch.empty_like(dy), torch.empty_like(gates), torch.empty_like(w_gate), torch.empty_like(w_up),
+            torch.empty_like(w_down))
+
+
+def _moe_ffn_setup(ctx, inputs, output):
+    _, _, gates, w_gate, w_up, w_down, capacity = inputs
+    ctx.save_for_backward(gates, w_gate, w_up, w_down, *output[1:])
+    ctx.capacity = capacity
+
+
+def _moe_ffn_grad(ctx, dy, *_):
+    dx, d_gates, dw_gate, dw_up, dw_down = _moe_ffn_backward(dy.contiguous(), *ctx.saved_tensors, ctx.capacity)
+    return dx, None, d_gates, dw_gate, dw_up, dw_down, None
+
+
+_moe_ffn.register_autograd(_moe_ffn_grad, setup_context=_moe_ffn_setup)
 
 
 def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
-    from kernels.moe import moe_ffn
-    return moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
+    """moe.expert_sorted through the kernels: x (N, d), experts/gates (N, k), expert weights (E, f, d) and
+    (E, d, f) -> y (N, d). The gates are combined in float32 (kernels/moe.py's combine)."""
+    return _moe_ffn(x.contiguous(), experts, gates.to(torch.float32), w_gate, w_up, w_down, capacity)[0]

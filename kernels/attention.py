@@ -218,60 +218,60 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal):
-        B, H, T, D = q.shape
-        H_kv = k.shape[1]
-        assert k.shape == v.shape == (B, H_kv, T, D) and H % H_kv == 0, "q (B, H, T, D), k and v (B, H_kv, T, D)"
-        assert D in (16, 32, 64, 128), f"head_dim {D}: the flash kernel takes 16, 32, 64 or 128 " \
-                                       "(NANOTANUKI_KERNELS=torch runs SDPA instead)"
-        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "the head dimension must be contiguous"
-        # O is allocated as (B, T, H, D) and returned as the (B, H, T, D) view: model.py's transpose back to
-        # (B, T, H * D) is then free
-        o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        scale_log2 = math.log2(math.e) / math.sqrt(D)
-        block_m, block_n, warps, stages = _config("fwd", q)
-        _attn_fwd[(triton.cdiv(T, block_m), B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, H // H_kv, T, scale_log2, CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        return o
+def forward(q, k, v, causal):
+    """-> O (B, H, T, D) and the log-sum-exp of every query row (B, H, T), float32, for the backward. Called by
+    the custom op nanotanuki::flash_attention (kernels/__init__.py), which wires it into autograd."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    assert k.shape == v.shape == (B, H_kv, T, D) and H % H_kv == 0, "q (B, H, T, D), k and v (B, H_kv, T, D)"
+    assert D in (16, 32, 64, 128), f"head_dim {D}: the flash kernel takes 16, 32, 64 or 128 " \
+                                   "(NANOTANUKI_KERNELS=torch runs SDPA instead)"
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "the head dimension must be contiguous"
+    # O is allocated as (B, T, H, D) and returned as the (B, H, T, D) view: model.py's transpose back to
+    # (B, T, H * D) is then free
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    scale_log2 = math.log2(math.e) / math.sqrt(D)
+    block_m, block_n, warps, stages = _config("fwd", q)
+    _attn_fwd[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, H // H_kv, T, scale_log2, CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        B, H, T, D = q.shape
-        H_kv = k.shape[1]
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        scale_log2, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-        delta = torch.empty_like(lse)
-        block_m, _, _, _ = _config("bwd_dq", q)
-        _attn_bwd_delta[(triton.cdiv(T, block_m), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block_m, num_warps=DELTA_WARPS,
-            num_stages=1)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        precision = _precision(q.dtype)
-        block_m, block_n, warps, stages = _config("bwd_dkdv", q)
-        _attn_bwd_dkdv[(triton.cdiv(T, block_n), B * H_kv)](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dk), *_strides(dv), H, H_kv, H // H_kv, T, scale_log2, sm_scale,
-            CAUSAL=ctx.causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-            num_warps=warps, num_stages=stages)
-        block_m, block_n, warps, stages = _config("bwd_dq", q)
-        _attn_bwd_dq[(triton.cdiv(T, block_m), B * H)](
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, H // H_kv, T, scale_log2, sm_scale, CAUSAL=ctx.causal, HEAD_DIM=D, BLOCK_M=block_m,
-            BLOCK_N=block_n, PRECISION=precision, num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None
+
+def backward(do, q, k, v, o, lse, causal):
+    """-> dq, dk, dv (nanotanuki::flash_attention_backward)."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    scale_log2, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
+    delta = torch.empty_like(lse)
+    block_m, _, _, _ = _config("bwd_dq", q)
+    _attn_bwd_delta[(triton.cdiv(T, block_m), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block_m, num_warps=DELTA_WARPS,
+        num_stages=1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    precision = _precision(q.dtype)
+    block_m, block_n, warps, stages = _config("bwd_dkdv", q)
+    _attn_bwd_dkdv[(triton.cdiv(T, block_n), B * H_kv)](
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), H, H_kv, H // H_kv, T, scale_log2, sm_scale,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=warps, num_stages=stages)
+    block_m, block_n, warps, stages = _config("bwd_dq", q)
+    _attn_bwd_dq[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, H // H_kv, T, scale_log2, sm_scale, CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m,
+        BLOCK_N=block_n, PRECISION=precision, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
 
 
 def flash_attention(q, k, v, causal=True):
-    """q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim) -> (B, n_head, T, head_dim)."""
-    return FlashAttention.apply(q, k, v, causal)
+    """q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim) -> (B, n_head, T, head_dim), differentiable:
+    the custom op nanotanuki::flash_attention around forward and backward above (kernels/__init__.py)."""
+    import kernels
+    return kernels.flash_attention(q, k, v, causal)
 
 
 def reference(q, k, v, causal=True):

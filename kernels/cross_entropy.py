@@ -72,46 +72,37 @@ def token_weights(targets, loss_mask=None):
     return weights if loss_mask is None else weights * loss_mask.float()
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, weights, chunk, needs_grad):
-        n_tokens = x.shape[0]
-        # the normalizer is known before any chunk, so each chunk's gradient is final when written. It stays on
-        # the device (the kernel loads it): no host sync
-        inv_total = 1.0 / weights.sum().clamp(min=1)
-        losses = torch.empty(n_tokens, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x) if needs_grad else None
-        # dW in the weight's dtype, the gradient autograd would have made: float32 would cost another 1 GiB at 8B
-        dw = torch.zeros_like(weight) if needs_grad else None
-        block = min(BLOCK_V, triton.next_power_of_2(weight.shape[0]))
-        for start in range(0, n_tokens, chunk):
-            x_c = x[start : start + chunk]
-            logits = x_c @ weight.T  # (chunk, vocab): the only logits alive at any time
-            _ce_rows[(x_c.shape[0],)](logits, targets[start : start + chunk], weights[start : start + chunk],
-                                      losses[start : start + chunk], inv_total, logits.stride(0), logits.shape[1],
-                                      COMPUTE_GRAD=needs_grad, BLOCK=block, num_warps=NUM_WARPS)
-            if needs_grad:  # `logits` now holds d loss / d logits
-                torch.mm(logits, weight, out=dx[start : start + chunk])
-                # the matmul accumulates in float32 and adds dW in float32 before rounding: one rounding per chunk
-                dw.addmm_(logits.T, x_c)
-        ctx.save_for_backward(dx, dw)
-        return (losses * weights).sum() * inv_total
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
-        return dx * grad_loss.to(dx.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None
+def forward(x, weight, targets, weights, chunk, needs_grad):
+    """x (N, d), weight (vocab, d), targets and weights (N,) -> the loss, and its gradients dx, dW (empty without
+    needs_grad), all computed here while each chunk's logits exist (nanotanuki::linear_cross_entropy)."""
+    n_tokens = x.shape[0]
+    # the normalizer is known before any chunk, so each chunk's gradient is final when written. It stays on
+    # the device (the kernel loads it): no host sync
+    inv_total = 1.0 / weights.sum().clamp(min=1)
+    losses = torch.empty(n_tokens, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if needs_grad else x.new_empty(0)
+    # dW in the weight's dtype, the gradient autograd would have made: float32 would cost another 1 GiB at 8B
+    dw = torch.zeros_like(weight) if needs_grad else weight.new_empty(0)
+    block = min(BLOCK_V, triton.next_power_of_2(weight.shape[0]))
+    for start in range(0, n_tokens, chunk):
+        x_c = x[start : start + chunk]
+        logits = x_c @ weight.T  # (chunk, vocab): the only logits alive at any time
+        _ce_rows[(x_c.shape[0],)](logits, targets[start : start + chunk], weights[start : start + chunk],
+                                  losses[start : start + chunk], inv_total, logits.stride(0), logits.shape[1],
+                                  COMPUTE_GRAD=needs_grad, BLOCK=block, num_warps=NUM_WARPS)
+        if needs_grad:  # `logits` now holds d loss / d logits
+            torch.mm(logits, weight, out=dx[start : start + chunk])
+            # the matmul accumulates in float32 and adds dW in float32 before rounding: one rounding per chunk
+            dw.addmm_(logits.T, x_c)
+    return (losses * weights).sum() * inv_total, dx, dw
 
 
 def linear_cross_entropy(x, weight, targets, loss_mask=None, chunk=CHUNK):
     """x: (..., d_model), weight: (vocab, d_model), targets: (...) with -1 ignored, loss_mask: (...) or None.
-    Returns the mean loss over the tokens that count, as model.py's forward computes it from full logits."""
-    x = x.reshape(-1, x.shape[-1])
-    targets = targets.reshape(-1)
-    weights = token_weights(targets, None if loss_mask is None else loss_mask.reshape(-1))
-    # autograd.Function.forward runs with grad mode off, so whether gradients are wanted is decided out here
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(x, weight, targets, weights, chunk, needs_grad)
+    Returns the mean loss over the tokens that count, as model.py's forward computes it from full logits;
+    differentiable through the custom op of kernels/__init__.py."""
+    import kernels
+    return kernels.linear_cross_entropy(x, weight, targets, loss_mask, chunk)
 
 
 def reference(x, weight, targets, loss_mask=None):

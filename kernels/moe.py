@@ -5,7 +5,7 @@ plain-PyTorch reference is moe.py itself (`route`, `expert_sorted`); the tests c
 
     router    one program per block of tokens: softmax over the E logits, k rounds of argmax over the selection
               scores (probs + bias), then the k gates in the routing mode. Forward only: the gates' gradient with
-              respect to the logits is a few PyTorch ops on the saved indices (RouterTopK.backward).
+              respect to the logits is a few PyTorch ops on the saved indices (route_backward).
     permute   the N*k (token, expert) assignments, sorted by expert with token order kept inside an expert (a
               stable counting sort, the order torch.argsort(stable=True) gives in moe.expert_sorted):
                 _count   each block of assignments counts its own per-expert histogram
@@ -83,51 +83,46 @@ def _router(LOGITS, BIAS, EXPERTS, GATES, PROBS, n_tokens, n_experts,
         tl.store(GATES + rows * K + j, tl.sum(tl.where(here, g, 0.0), 1), mask=rows < n_tokens)
 
 
-class RouterTopK(torch.autograd.Function):
-    """(logits (N, E) float32, bias (E,) or None) -> experts (N, k), gates (N, k), probs (N, E), as moe.route.
-    The selection is not differentiable; the gates' and probs' gradients flow to the logits by the chain rule
+def route_forward(logits, bias, top_k, mode):
+    """(logits (N, E) float32, bias (E,) or None) -> experts (N, k), gates (N, k), probs (N, E), as moe.route
+    (nanotanuki::moe_route)."""
+    N, E = logits.shape
+    assert E <= 64 and top_k <= min(8, E), "the fused router takes up to 64 experts and top-8 " \
+                                           "(NANOTANUKI_KERNELS=torch routes in PyTorch instead)"
+    assert logits.dtype == torch.float32, "the router runs in float32 (moe.MoE.forward)"
+    logits = logits.contiguous()
+    experts = torch.empty(N, top_k, device=logits.device, dtype=torch.int64)
+    gates = torch.empty(N, top_k, device=logits.device, dtype=torch.float32)
+    probs = torch.empty(N, E, device=logits.device, dtype=torch.float32)
+    block_e = triton.next_power_of_2(E)
+    block_t = ROUTER_BLOCK // block_e
+    _router[(triton.cdiv(N, block_t),)](logits, logits if bias is None else bias, experts, gates, probs, N, E,
+                                        K=top_k, MODE=MODES[mode], HAS_BIAS=bias is not None, BLOCK_T=block_t,
+                                        BLOCK_E=block_e, num_warps=ROUTER_WARPS)
+    return experts, gates, probs
+
+
+def route_backward(d_gates, d_probs, logits, experts, gates, probs, mode):
+    """The selection is not differentiable; the gates' and probs' gradients flow to the logits by the chain rule
     written out in PyTorch on the saved indices (cheaper than recomputing the whole route under autograd)."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, top_k, mode):
-        N, E = logits.shape
-        assert E <= 64 and top_k <= min(8, E), "the fused router takes up to 64 experts and top-8 " \
-                                               "(NANOTANUKI_KERNELS=torch routes in PyTorch instead)"
-        assert logits.dtype == torch.float32, "the router runs in float32 (moe.MoE.forward)"
-        logits = logits.contiguous()
-        experts = torch.empty(N, top_k, device=logits.device, dtype=torch.int64)
-        gates = torch.empty(N, top_k, device=logits.device, dtype=torch.float32)
-        probs = torch.empty(N, E, device=logits.device, dtype=torch.float32)
-        block_e = triton.next_power_of_2(E)
-        block_t = ROUTER_BLOCK // block_e
-        _router[(triton.cdiv(N, block_t),)](logits, logits if bias is None else bias, experts, gates, probs, N, E,
-                                            K=top_k, MODE=MODES[mode], HAS_BIAS=bias is not None, BLOCK_T=block_t,
-                                            BLOCK_E=block_e, num_warps=ROUTER_WARPS)
-        ctx.mark_non_differentiable(experts)
-        ctx.save_for_backward(logits, experts, gates, probs)
-        ctx.mode = mode
-        return experts, gates, probs
-
-    @staticmethod
-    def backward(ctx, _, d_gates, d_probs):
-        logits, experts, gates, probs = ctx.saved_tensors
-        d_probs = torch.zeros_like(probs) if d_probs is None else d_probs.clone()
-        d_logits = torch.zeros_like(logits)
-        if d_gates is not None:
-            centered = d_gates - (d_gates * gates).sum(-1, keepdim=True)
-            if ctx.mode == "topk_softmax":  # a softmax of the chosen logits: its backward is g * (dg - sum(dg g))
-                d_logits.scatter_add_(-1, experts, gates * centered)
-            elif ctx.mode == "softmax_topk":  # the chosen probs themselves
-                d_probs.scatter_add_(-1, experts, d_gates)
-            else:  # g = p / S, S the chosen probs' sum: d p_i = (dg_i - sum(dg g)) / S
-                d_probs.scatter_add_(-1, experts, centered / probs.gather(-1, experts).sum(-1, keepdim=True))
-        d_logits += probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
-        return d_logits, None, None, None
+    d_probs = torch.zeros_like(probs) if d_probs is None else d_probs.clone()
+    d_logits = torch.zeros_like(logits)
+    if d_gates is not None:
+        centered = d_gates - (d_gates * gates).sum(-1, keepdim=True)
+        if mode == "topk_softmax":  # a softmax of the chosen logits: its backward is g * (dg - sum(dg g))
+            d_logits.scatter_add_(-1, experts, gates * centered)
+        elif mode == "softmax_topk":  # the chosen probs themselves
+            d_probs.scatter_add_(-1, experts, d_gates)
+        else:  # g = p / S, S the chosen probs' sum: d p_i = (dg_i - sum(dg g)) / S
+            d_probs.scatter_add_(-1, experts, centered / probs.gather(-1, experts).sum(-1, keepdim=True))
+    return d_logits + probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
 
 
 def route(logits, top_k, mode, bias=None):
-    """moe.route through the fused kernel: (experts, gates, probs)."""
-    return RouterTopK.apply(logits, bias, top_k, mode)
+    """moe.route through the fused kernel: (experts, gates, probs), differentiable through the custom op of
+    kernels/__init__.py."""
+    import kernels
+    return kernels.moe_route(logits, top_k, mode, bias)
 
 
 # -----------------------------------------------------------------------------
@@ -460,18 +455,48 @@ def grouped_mm_reference(x, w, offsets):
 # -----------------------------------------------------------------------------
 # the whole expert FFN
 
-def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
-    """moe.expert_sorted through the kernels: x (N, d), experts/gates (N, k), expert weights (E, f, d) and
-    (E, d, f) -> y (N, d). The SwiGLU between the products is PyTorch (elementwise; autograd keeps its inputs)."""
+def ffn_forward(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """moe.expert_sorted through the kernels: x (N, d) contiguous, experts (N, k), gates (N, k) float32, expert
+    weights (E, f, d) and (E, d, f) -> y (N, d), then what ffn_backward needs: xs, g, u, out in expert order and
+    the permutation (position, sorted_assign, offsets) (nanotanuki::moe_ffn). The SwiGLU between the products is
+    PyTorch (elementwise)."""
     top_k = experts.shape[1]
     position, sorted_assign, offsets = permute(experts, w_gate.shape[0], capacity)
     tiles = tile_map(offsets, sorted_assign.numel(), _gemm_config(x)["fwd"][0])
     zero_tail = capacity is not None  # without capacity every sorted row belongs to an expert
-    xs = Gather.apply(x.contiguous(), position, sorted_assign, top_k)    # (N*k, d) in expert order
-    g = grouped_mm(xs, w_gate, offsets, tiles, zero_tail)                # (N*k, f)
-    h = F.silu(g) * grouped_mm(xs, w_up, offsets, tiles, zero_tail)      # (N*k, f)
-    out = grouped_mm(h, w_down, offsets, tiles, zero_tail)               # (N*k, d)
-    return Combine.apply(out, gates.to(torch.float32), position, sorted_assign)
+    xs = _gather_launch(x, sorted_assign, top_k)[0]                            # (N*k, d) in expert order
+    g = grouped_mm_input(xs, w_gate, offsets, tiles, False, zero_tail)        # (N*k, f)
+    u = grouped_mm_input(xs, w_up, offsets, tiles, False, zero_tail)          # (N*k, f)
+    out = grouped_mm_input(F.silu(g) * u, w_down, offsets, tiles, False, zero_tail)  # (N*k, d)
+    y = _combine_launch(out, position, top_k, gates.contiguous())
+    return y, xs, g, u, out, position, sorted_assign, offsets
+
+
+def ffn_backward(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets, capacity=None):
+    """-> dx, d_gates, dw_gate, dw_up, dw_down: the forward's chain rule step by step, each product's backward
+    the grouped GEMM on transposed weights (dx) and the per-expert dW kernel (nanotanuki::moe_ffn_backward)."""
+    E, top_k = w_gate.shape[0], gates.shape[1]
+    tiles = tile_map(offsets, sorted_assign.numel(), _gemm_config(xs)["fwd"][0])
+    zero_tail = capacity is not None
+    gates = gates.contiguous()
+    d_out, d_gates = _gather_launch(dy, sorted_assign, top_k, gates, out)     # the combine's backward
+    h = F.silu(g) * u                                                         # recomputed: elementwise, cheap
+    d_h = grouped_mm_input(d_out, w_down, offsets, tiles, True, zero_tail)
+    dw_down = grouped_mm_weight(d_out, h, offsets, E, w_down.dtype)
+    d_g = torch.ops.aten.silu_backward(d_h * u, g)
+    d_u = d_h * F.silu(g)
+    d_xs = (grouped_mm_input(d_g, w_gate, offsets, tiles, True, zero_tail)
+            + grouped_mm_input(d_u, w_up, offsets, tiles, True, zero_tail))
+    dw_gate = grouped_mm_weight(d_g, xs, offsets, E, w_gate.dtype)
+    dw_up = grouped_mm_weight(d_u, xs, offsets, E, w_up.dtype)
+    dx = _combine_launch(d_xs, position, top_k)                               # the gather's backward
+    return dx, d_gates, dw_gate, dw_up, dw_down
+
+
+def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """moe.expert_sorted through the kernels, differentiable through the custom op of kernels/__init__.py."""
+    import kernels
+    return kernels.moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
 
 
 # -----------------------------------------------------------------------------

@@ -264,6 +264,44 @@ def test_model_with_kernels_equals_model_with_torch(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# torch.compile: each kernel is one custom op (kernels/__init__.py), so a block compiles as one graph around them
+
+@pytest.mark.parametrize("ffn", ["dense", "moe", "moe_capacity"])
+def test_block_with_kernels_compiles_whole(monkeypatch, ffn):
+    """With the kernels on (the CUDA path, here in the interpreter), dynamo traces a dense or MoE block with no graph
+    break: the launches, their host-side grids and the MoE's data-dependent sizes stay inside the nanotanuki ops,
+    whose fake functions give the output shapes. Compiled (aot_eager) equals eager to 1e-5, gradients included."""
+    from test_moe import assert_compiles_whole, block_config
+    monkeypatch.setenv("NANOTANUKI_KERNELS", "triton")
+    ops = ["nanotanuki.flash_attention", "nanotanuki.rms_norm"]
+    overrides = {}
+    if ffn != "dense":
+        ops += ["nanotanuki.moe_route", "nanotanuki.moe_ffn"]
+        overrides = dict(n_experts=8, moe_top_k=2, moe_router="softmax_topk_renorm", moe_bias_update_rate=1e-3,
+                         moe_capacity_factor=1.0 if ffn == "moe_capacity" else 0.0)
+    assert_compiles_whole(block_config(**overrides), expect_ops=ops)
+
+
+def test_fused_loss_compiles_whole():
+    """The fused lm_head + cross-entropy op under torch.compile(fullgraph=True): eager's loss and gradients."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 32, requires_grad=True), torch.randn(97, 32, requires_grad=True)
+    targets = torch.randint(0, 97, (2, 9))
+    targets[0, :3] = -1
+    mask = (torch.rand(2, 9) > 0.3).float()
+
+    def loss_fn(x, w, targets, mask):
+        return kernels.linear_cross_entropy(x, w, targets, mask, chunk=8)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        loss = fn(x, w, targets, mask)
+        results.append([loss.detach(), *torch.autograd.grad(2 * loss, (x, w))])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
 # ahead-of-time compile for H100, and the CPU half of the benchmark
 
 def run_bench(*args):

@@ -1,5 +1,6 @@
 """Claims about moe.py: the balance and z losses are what the papers define, the sorted dispatch equals the
-loop over experts (gradients, empty experts and capacity included), and the routing modes do what they say."""
+loop over experts (gradients, empty experts and capacity included), the routing modes do what they say, and a
+transformer block, dense or MoE, compiles as one graph (common.shard_model compiles each with fullgraph=True)."""
 
 import math
 import os
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moe  # noqa: E402
+from model import Block, ModelConfig, rope_tables  # noqa: E402
 from moe import (MoE, balance_loss, expert_loop, expert_sorted, route, router_z_loss,  # noqa: E402
                  update_expert_bias)
 
@@ -54,10 +57,11 @@ def test_losses_reach_the_router():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("f", [24, 26])  # 26: rows of 104 bytes, which torch._grouped_mm rejects: the plain loop
 @pytest.mark.parametrize("capacity", [None, 3])
-def test_sorted_dispatch_equals_loop_with_empty_experts(capacity):
+def test_sorted_dispatch_equals_loop_with_empty_experts(capacity, f):
     torch.manual_seed(0)
-    E, d, f, N = 6, 16, 24, 11
+    E, d, N = 6, 16, 11
     x = torch.randn(N, d, requires_grad=True)
     w = [torch.randn(E, f, d, requires_grad=True), torch.randn(E, f, d, requires_grad=True),
          torch.randn(E, d, f, requires_grad=True)]
@@ -127,3 +131,69 @@ def test_bias_update_moves_toward_balance():
     update_expert_bias(model, rate=0.01)
     assert torch.allclose(layer.expert_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
     assert layer.tokens_per_expert.sum() == 0
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: one graph per block
+
+def block_config(**overrides):
+    return ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=48, max_seq_len=16,
+                       **overrides)
+
+
+def assert_compiles_whole(cfg, expect_ops=()):
+    """Block(cfg) in training mode: dynamo finds no graph break, and torch.compile(fullgraph=True) (aot_eager:
+    dynamo and AOT autograd without a C++ compiler, which is where graph breaks and tracing failures happen) gives
+    eager's output, balance and z losses, routing counts and gradients to 1e-5. `expect_ops`: names the compiled
+    graph must call (the kernels' custom ops)."""
+    torch.manual_seed(0)
+    block = Block(cfg, 0).train()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    is_moe = isinstance(block.ffn, MoE)
+    if is_moe:
+        block.ffn.expert_bias.normal_(std=0.05)
+    x = torch.randn(2, 8, cfg.d_model)
+    cos, sin = rope_tables(cfg.head_dim, 8, cfg.rope_theta)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(x, cos, sin)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    called = {str(node.target) for gm in explanation.graphs for node in gm.graph.nodes}
+    assert all(any(op in name for name in called) for op in expect_ops), called
+
+    def step(fn):
+        block.zero_grad()
+        if is_moe:
+            block.ffn.tokens_per_expert.zero_()
+        x_in = x.clone().requires_grad_()
+        y = fn(x_in, cos, sin)
+        loss = (y * torch.linspace(-1, 1, cfg.d_model)).sum()
+        extra = []
+        if is_moe:
+            loss = loss + block.ffn.aux_loss + block.ffn.z_loss
+            extra = [block.ffn.aux_loss.detach(), block.ffn.z_loss.detach(), block.ffn.tokens_per_expert.clone(),
+                     block.ffn.stats["dropped"], block.ffn.stats["router_entropy"]]
+        loss.backward()
+        return [y.detach(), x_in.grad, *extra, *(p.grad for p in block.parameters())]
+
+    eager = step(block)
+    compiled = step(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+    return eager
+
+
+def test_dense_block_compiles_whole():
+    assert_compiles_whole(block_config())
+
+
+@pytest.mark.parametrize("bias_rate", [0.0, 1e-3])  # DeepSeek-V3's selection bias off / on
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])  # dropless / capacity that drops assignments
+@pytest.mark.parametrize("mode", moe.ROUTER_MODES)
+def test_moe_block_compiles_whole(mode, capacity_factor, bias_rate):
+    """No graph break in any routing mode: counts of static length (no bincount), the grouped GEMM an opaque op of
+    known shape, capacity zeroing gates instead of removing rows (no data-dependent shapes)."""
+    eager = assert_compiles_whole(block_config(n_experts=8, moe_top_k=2, moe_router=mode,
+                                               moe_capacity_factor=capacity_factor, moe_bias_update_rate=bias_rate))
+    dropped = eager[5]
+    assert (dropped > 0) == (capacity_factor > 0)  # 16 tokens x top-2 over 8 experts at capacity 4: some drop

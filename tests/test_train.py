@@ -376,3 +376,20 @@ def test_per_rank_init_is_independent_of_ranks_and_never_holds_the_model(tmp_pat
         assert r["model_bytes"] > 60e6 and r["shard_bytes"] < 0.51 * r["model_bytes"]
         grown = r["after_export"] - r["start"]
         assert grown < r["shard_bytes"] + 2 * r["block_bytes"] + 16e6, (r, grown / 1e6)
+
+
+def test_memory_and_communication_settings_do_not_change_the_losses(tmp_path, data_dir):
+    # selective or full recomputation, weights kept gathered between forward and backward, and gradients reduced
+    # only after the last micro-batch (all of them, or HSDP's cross-replica all-reduce) compute the same steps
+    args = SMALL + ["--max_iters=4", "--micro_batch_size=2"]  # 2 ranks x 2 micro-batches of 2
+    train(tmp_path / "one", data_dir, *args)
+    train(tmp_path / "a", data_dir, *args, "--activation_checkpoint=selective", "--grad_sync=last",
+          "--reshard_after_forward=False", nproc=2)
+    train(tmp_path / "b", data_dir, *args, "--activation_checkpoint=full", "--grad_sync=last_all_reduce",
+          "--hsdp_replicas=2", nproc=2)
+    one = metrics(tmp_path / "one")[0]
+    for run in ("a", "b"):
+        other = metrics(tmp_path / run)[0]
+        assert sorted(other) == [1, 2, 3, 4]
+        assert all(abs(one[s]["loss"] - other[s]["loss"]) < 1e-5 for s in one), run
+        assert all(abs(one[s]["grad_norm"] - other[s]["grad_norm"]) < 1e-4 * one[s]["grad_norm"] for s in one), run
