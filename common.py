@@ -278,7 +278,9 @@ def write_safetensors(path, tensors, dtype=None):
         for t in tensors.values():
             t = t.detach().to(dtype or t.dtype)  # cast before a gather: half the bytes moved in bf16
             if isinstance(t, DTensor):
-                t = t.full_tensor()
+                # a gather returns before it is done and waits at the first use of its result; a rank that writes
+                # nothing never uses it, so it waits here (an unwaited collective aborts the process at exit)
+                t = torch.distributed._functional_collectives.wait_tensor(t.full_tensor())
             if f:
                 f.write(t.to("cpu").contiguous().view(torch.uint8).numpy())
             del t
