@@ -74,7 +74,8 @@ grad_sync = "every"             # as train.py: "every", "last_all_reduce" or "la
 dtype = "bfloat16"    # what the kernels and the model run in on H100
 # the planner
 gpus = 128            # Tanuki's 16 nodes x 8 H100 (TANUKI.md "Pretraining")
-hsdp_replicas = 0     # as train.py: >1 shards within gpus / hsdp_replicas GPUs (a node) and replicates across
+hsdp_replicas = 0     # as train.py: >1 shards within gpus / hsdp_replicas GPUs (a node) and replicates across;
+                      # -1: one replica per node of gpus_per_node
 plan_mfu = 0.25       # Tanuki's 241-246 TFLOP/s of 989: about a quarter ("Pretraining")
 gpu_memory_gib = 80.0  # H100 SXM5's 80 GB of HBM3 (nvidia-smi shows 81,559 MiB; allocator and NCCL take some)
 # the simulation's stated H100 figures (arguments, not measurements): NVIDIA's H100 SXM5 data sheet gives 989
@@ -401,6 +402,9 @@ def simulate_step():
 
     from model import Transformer
     world = gpus
+    global hsdp_replicas
+    if hsdp_replicas == -1:  # one replica per node, as train.py
+        hsdp_replicas = world // gpus_per_node
     if hsdp_replicas > 1 and world % hsdp_replicas:
         raise SystemExit(f"hsdp_replicas={hsdp_replicas} must divide gpus={gpus}")
     global_seqs = tokens_per_step // seq_len

@@ -647,7 +647,7 @@ def init_sharded(model, seed, init_from=""):
 
 # fine-tuning (sft.py, dpo.py): a checkpoint in, sharded, optionally with LoRA adapters; merged and saved out
 
-def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activation_checkpoint=False, seed=0):
+def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activation_checkpoint="none", seed=0):
     """Collective. The checkpoint in `init_from` as a sharded model to fine-tune, as train.py builds one: on the meta
     device, sharded, then each rank reads its own slices of the file (init_sharded). lora = (rank, alpha, dropout,
     targets) adds adapters before sharding, so FSDP shards them with their block; their initial values are drawn

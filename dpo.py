@@ -112,7 +112,7 @@ eval_interval = 50
 # system
 device = "auto"
 dtype = "bfloat16"
-activation_checkpoint = False
+activation_checkpoint = "none"  # or "selective" / "full" (common.shard_model)
 pg_timeout_minutes = 30
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":

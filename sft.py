@@ -86,7 +86,7 @@ eval_interval = 100
 # system
 device = "auto"
 dtype = "bfloat16"
-activation_checkpoint = False
+activation_checkpoint = "none"  # or "selective" / "full" (common.shard_model)
 pg_timeout_minutes = 30
 # -----------------------------------------------------------------------------
 config = load_config(globals())

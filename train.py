@@ -4,7 +4,7 @@ Stage 2: pretraining (TANUKI.md "Pretraining"), from a 2-layer model on a laptop
     python train.py configs/tiny.py --data_dir=out/data                     # CPU, a few minutes
     torchrun --standalone --nproc_per_node=8 train.py configs/8b.py         # one node of 8 GPUs
     torchrun --nnodes=16 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
-        train.py configs/8b.py --hsdp_replicas=16                           # 16 nodes (README: SLURM)
+        train.py configs/8b.py                                              # 16 nodes (README: SLURM)
     torchrun ... train.py configs/8b.py --resume=auto                       # continue from the newest checkpoint
     python train.py configs/tiny.py --lr_range_test --learning_rate=1.0     # raise the LR until the loss spikes
 
@@ -115,7 +115,8 @@ reshard_after_forward = True    # False: keep each block gathered from its forwa
 grad_sync = "every"             # gradient communication under accumulation (common.set_grad_sync): "every"
                                 # micro-batch, "last_all_reduce" (HSDP: cross-node all-reduce on the last only) or
                                 # "last" (unsharded gradients kept until the last micro-batch)
-hsdp_replicas = 0         # >1: hybrid sharding, replicate over this many groups (nodes), shard within each
+hsdp_replicas = 0         # >1: hybrid sharding, replicate over this many groups (nodes), shard within each;
+                          # -1: one replica per node (world size / torchrun's LOCAL_WORLD_SIZE)
 pg_timeout_minutes = 30   # Tanuki's slow checkpoint saves needed 30 instead of 10 ("What failed")
 # -----------------------------------------------------------------------------
 config = load_config(globals())
@@ -226,6 +227,8 @@ if seq_len > model_cfg.max_seq_len:
     raise SystemExit(f"seq_len={seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}")
 with torch.device("meta"):
     model = Transformer(model_cfg)
+if hsdp_replicas == -1:  # shard over a node's GPUs (NVLink), replicate across nodes (InfiniBand)
+    hsdp_replicas = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 if hsdp_replicas > 1:
     if world_size % hsdp_replicas:
         raise SystemExit(f"hsdp_replicas={hsdp_replicas} must divide the {world_size} ranks (one replica per node)")

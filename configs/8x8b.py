@@ -19,3 +19,14 @@ weight_decay = 0.1
 tokens_per_step = 3072 * 4096
 # ~0.6T tokens after upcycling at ~1T (1.6-1.7T cumulative): 0.6T / 12.6M tokens per step
 max_iters = 48_000
+# Parallelism, as `python bench.py configs/8b.py configs/8x8b.py --simulate --gpus=128` traced it: 47B parameters
+# of float32 weights, gradients and AdamW state are 752 GB, so sharding within a node (94 GB per GPU) cannot fit; the
+# 8x8B shards over all 128 GPUs, and its gathers and reduce-scatters cross InfiniBand. Fewer, larger micro-batches
+# are the lever: micro-batch 1 (as first written) moved 8.9 TB per GPU per step, a 4.7% MFU ceiling; 4: 53.0 GiB,
+# 18.6%; 6: 70.0 GiB, 27.9% with overlap (20.4% without); 8: 87.0 GiB, does not fit. Tanuki's Megatron run (pipeline
+# parallel) logged ~25%; expert parallelism would cut the expert weights' traffic further.
+hsdp_replicas = 0
+grad_sync = "every"
+micro_batch_size = 6     # 24 sequences per GPU per step: 4 micro-batches. If it runs out of memory (the trace counts
+                         # tensors only, not the CUDA context, NCCL or fragmentation): 4
+activation_checkpoint = "full"  # selective keeps every output of the expert custom op: no smaller than "none"
