@@ -6,6 +6,7 @@ Triton kernels, each beside the plain-PyTorch reference of the same function (DE
     cross_entropy.py  chunked fused lm_head + cross-entropy (no (tokens, vocab) logits)
     moe.py            MoE routing: fused router top-k, permutation into expert order, grouped GEMM, combine
     aot.py            compile all of them for H100 without a GPU; `python bench.py --aot` prints the report
+    bench.py          each kernel's FLOPs and fewest bytes, and on a GPU its time against PyTorch (`python bench.py`)
 
 Which implementation runs: the Triton kernels for CUDA tensors, PyTorch elsewhere. NANOTANUKI_KERNELS=torch forces
 PyTorch everywhere (to rule the kernels out when a run misbehaves); NANOTANUKI_KERNELS=triton forces the kernels
