@@ -16,7 +16,7 @@ resumes by running the same command again) and each runnable alone with --steps:
   judge   a score for every answer, then chosen = the best, rejected = the worst; ties are dropped -> pairs.jsonl
           judge="verifier": textfilters.verifier_score against the prompt's known answer (synth.py's records carry
             it): 3 right in exactly the asked format, 2 right in another, 1 wrong in the answer's form, 0 neither;
-          judge="llm": MT-Bench-style grading 1-10 by an OpenAI-compatible judge (common.judge_ratings: cached, a
+          judge="llm": MT-Bench-style grading 1-10 by an OpenAI-compatible judge (llm_api.judge_ratings: cached, a
             reply without a rating retried, then counted and never given a score)
   train   DPO (Rafailov et al. 2023) on the pairs -> model/ (the final round's goes to out_dir/model)
 rounds > 1 repeats the three with the trained model as the next policy (on-policy, as Tanuki's self-sampled loop:
@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import textfilters as tf
-from common import (chat_completion, cleanup_distributed, judge_key, judge_prompt, judge_ratings, latest_checkpoint,
-                    load_checkpoint, load_config, load_for_finetuning, load_train_checkpoint, lr_at, print0,
-                    save_finetuned, save_train_checkpoint, setup_distributed)
+from checkpoint import (latest_checkpoint, load_checkpoint, load_for_finetuning, load_train_checkpoint, save_finetuned,
+                        save_train_checkpoint)
+from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
+from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from model import lora_disabled
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
 

@@ -44,16 +44,9 @@ import torch
 import torch.nn.functional as F
 
 import textfilters as tf
-from common import (
-    chat_completion,
-    judge_key,
-    judge_prompt,
-    judge_ratings,
-    load_checkpoint,
-    load_config,
-    open_shards,
-    read_tokens,
-)
+from checkpoint import load_checkpoint
+from common import load_config, open_shards, read_tokens
+from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from tokenizer import render_chat, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
@@ -200,7 +193,7 @@ def pass_rates(answers, replies):
 
 
 # -----------------------------------------------------------------------------
-# MT-Bench-style single-answer grading: common.judge_prompt / judge_ratings (dpo.py's LLM judge is the same one)
+# MT-Bench-style single-answer grading: llm_api.judge_prompt / judge_ratings (dpo.py's LLM judge is the same one)
 
 
 def judge_mt_bench(questions, conversations, judge, cache_path, retries=2, max_tokens=512):

@@ -173,7 +173,7 @@ class Block(nn.Module):
 
 def init_value(p, name, cfg, generator=None):
     """Fill `p` (the whole tensor of the parameter called `name`) with its initial values, in place. One rule for
-    the model built whole (Transformer.init_weights) and for a sharded one (common.init_sharded, which draws each
+    the model built whole (Transformer.init_weights) and for a sharded one (checkpoint.init_sharded, which draws each
     whole tensor from a generator seeded by its name and keeps its own slice)."""
     if name.endswith("norm.weight"):
         return p.fill_(1.0)
@@ -210,7 +210,7 @@ class Transformer(nn.Module):
     def init_weights(self):
         """(Re)initialize every weight. Separate from __init__ so that a model built on the meta device and
         sharded by FSDP can be materialized with `to_empty()` and then initialized in place (torchtitan's way);
-        a sharded model is filled rank by rank by common.init_sharded with the same rule (init_value)."""
+        a sharded model is filled rank by rank by checkpoint.init_sharded with the same rule (init_value)."""
         self.init_buffers()
         for m in self.modules():
             if isinstance(m, MoE):

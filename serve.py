@@ -36,11 +36,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from common import load_checkpoint, load_config, setup_distributed, write_safetensors
+from checkpoint import load_checkpoint, write_safetensors
+from common import load_config, setup_distributed
 from tokenizer import ROLES, render_chat, save_hf_tokenizer, special_id
 
 # -----------------------------------------------------------------------------
-init_from = "out/sft"   # a checkpoint directory written by common.save_checkpoint (any stage)
+init_from = "out/sft"   # a checkpoint directory written by checkpoint.save_checkpoint (any stage)
 export_hf = ""          # a directory: write the checkpoint there in Hugging Face Llama format and exit
 chat = False            # chat in the terminal instead of serving HTTP
 device = "auto"         # cuda if available, else cpu

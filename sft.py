@@ -26,25 +26,21 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from common import (
-    cleanup_distributed,
+from checkpoint import (
     latest_checkpoint,
     load_for_finetuning,
-    load_config,
     load_train_checkpoint,
-    lr_at,
-    print0,
     save_finetuned,
     save_train_checkpoint,
-    setup_distributed,
 )
+from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
 from model import ModelConfig
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out/sft"
-init_from = "out/train/model"  # the pretrained (or upcycled and trained) checkpoint, common.save_checkpoint's layout
+init_from = "out/train/model"  # the pretrained (or upcycled and trained) model, checkpoint.save_checkpoint's layout
 data = "out/synth/chat.jsonl"  # chat JSONL: one {"messages": [...]} per line
 val_data = ""             # a held-out chat JSONL; empty: every val_every-th conversation of `data` is held out
 val_every = 20            # 5% held out

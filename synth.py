@@ -33,7 +33,8 @@ import time
 import concurrent.futures
 
 import textfilters as tf
-from common import chat_completion, load_config
+from common import load_config
+from llm_api import chat_completion
 
 # -----------------------------------------------------------------------------
 backend = "offline"      # offline (verifiable tasks, no model) | openai (any OpenAI-compatible server) | local
@@ -403,7 +404,7 @@ def local_results(todo):
     repetition penalty: the rewrite task samples here at its temperature without it."""
     import torch
 
-    from common import load_checkpoint
+    from checkpoint import load_checkpoint
     from tokenizer import render_chat, special_id
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     net, enc, _ = load_checkpoint(init_from, device=dev)

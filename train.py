@@ -31,20 +31,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
+from checkpoint import init_sharded, latest_checkpoint, load_train_checkpoint, save_checkpoint, save_train_checkpoint
 from common import (
     cleanup_distributed,
-    init_sharded,
-    latest_checkpoint,
     load_config,
-    load_train_checkpoint,
     lr_at,
     mfu,
     model_config_from,
     open_shards,
     print0,
     read_tokens,
-    save_checkpoint,
-    save_train_checkpoint,
     set_grad_sync,
     setup_distributed,
     shard_model,
@@ -57,7 +53,7 @@ from tokenizer import load_tokenizer, tokenizer_hash
 # I/O
 out_dir = "out/train"
 data_dir = "out/data"     # prepare_data.py's output: tokenizer files + one folder of shards per source
-init_from = ""            # a checkpoint directory (common.save_checkpoint) to start from instead of random weights;
+init_from = ""            # a checkpoint directory (checkpoint.save_checkpoint) to start from instead of random weights;
                           # the model's shape then comes from it (e.g. an upcycled MoE, configs/8x8b.py)
 resume = ""               # "auto": the newest checkpoint in out_dir/checkpoints, if any; or a checkpoint directory
 # data: a mixture of sources by weight; {} is every source in data_dir in proportion to its tokens. A curriculum
@@ -208,10 +204,10 @@ def next_batch():
 
 
 # -----------------------------------------------------------------------------
-# model: built on the meta device (no memory), sharded, then each rank fills only its own shards (common.init_sharded):
-# from scratch by drawing each tensor from a generator seeded by its name, or from init_from by reading its slices of
-# the file. No host ever holds the whole model (the 8x8B is 188 GB in float32), and the weights do not depend on the
-# number of ranks.
+# model: built on the meta device (no memory), sharded, then each rank fills only its own shards
+# (checkpoint.init_sharded): from scratch by drawing each tensor from a generator seeded by its name, or from init_from
+# by reading its slices of the file. No host ever holds the whole model (the 8x8B is 188 GB in float32), and the
+# weights do not depend on the number of ranks.
 
 if init_from:
     with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
@@ -503,7 +499,7 @@ if finish_save is not None:
 
 if not lr_range_test and not stop:  # after SIGTERM the grace period is for the checkpoint
     # collective: the tensors are gathered one at a time and rank 0 writes each as it arrives, so no rank ever holds
-    # more than one whole tensor of the model (common.save_checkpoint)
+    # more than one whole tensor of the model (checkpoint.save_checkpoint)
     save_checkpoint(os.path.join(out_dir, "model"), model, enc, stage="pretrain", dtype=ptdtype,
                     extra={"step": step, "tokens": loader["batches"] * tokens_per_step, "config": config})
     print0(f"saved the model to {os.path.join(out_dir, 'model')}")

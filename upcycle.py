@@ -23,7 +23,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import load_config, save_checkpoint
+from checkpoint import save_checkpoint
+from common import load_config
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 

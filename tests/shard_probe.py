@@ -1,5 +1,5 @@
-"""Build a model the way train.py does (meta device -> common.shard_model -> to_empty -> common.init_sharded), then
-export it with common.save_checkpoint, writing this rank's peak host memory (max RSS) at each point to
+"""Build a model the way train.py does (meta device -> common.shard_model -> to_empty -> checkpoint.init_sharded), then
+export it with checkpoint.save_checkpoint, writing this rank's peak host memory (max RSS) at each point to
 OUT_DIR.rank<r>.json. tests/test_train.py runs it under torchrun at 1 and 2 ranks:
     python tests/shard_probe.py OUT_DIR SEED INIT_FROM D_MODEL N_LAYER N_EXPERTS
 INIT_FROM is a checkpoint directory or "-" (from scratch)."""
@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
+import checkpoint
 import common
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
@@ -36,9 +37,9 @@ mesh = init_device_mesh("cpu", (world_size,))
 common.shard_model(model, mesh, torch.float32, "none")
 start = max_rss()
 model.to_empty(device=device)
-common.init_sharded(model, seed, init_from)
+checkpoint.init_sharded(model, seed, init_from)
 after_init = max_rss()
-common.save_checkpoint(out_dir, model, enc, stage="probe")
+checkpoint.save_checkpoint(out_dir, model, enc, stage="probe")
 after_export = max_rss()
 shard_bytes = sum(p.to_local().numel() * 4 for p in model.parameters())
 block_bytes = sum(p.numel() * 4 for p in model.blocks[0].parameters())  # a DTensor's numel is the whole tensor's

@@ -1,5 +1,6 @@
-"""Claims about common.py: strict configuration, every config instantiates, checkpoints round-trip and survive a
-crash mid-write, the LR schedules hit their endpoints, distributed init works under torchrun with gloo."""
+"""Claims about common.py and checkpoint.py: strict configuration, every config instantiates, checkpoints
+round-trip and survive a crash mid-write, the LR schedules hit their endpoints, distributed init works under torchrun
+with gloo."""
 
 import glob
 import os
@@ -11,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 from model import Transformer  # noqa: E402
 from tokenizer import train_tokenizer  # noqa: E402
@@ -95,8 +97,8 @@ def test_checkpoint_round_trip(tmp_path, enc):
     cfg = common.model_config_from(dict(vocab_size=enc.n_vocab, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
                                         ffn_hidden=64, max_seq_len=32, tie_embeddings=True))
     model = Transformer(cfg)
-    common.save_checkpoint(tmp_path / "ckpt", model, enc, stage="test", extra={"step": 7})
-    loaded, enc2, meta = common.load_checkpoint(tmp_path / "ckpt")
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, enc, stage="test", extra={"step": 7})
+    loaded, enc2, meta = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert meta["stage"] == "test" and meta["step"] == 7 and meta["model"]["d_model"] == 32
     assert enc2.encode_ordinary("吾輩は猫") == enc.encode_ordinary("吾輩は猫")
     idx = torch.randint(0, enc.n_vocab, (2, 16))
@@ -108,34 +110,35 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, enc, monkeyp
     cfg = common.model_config_from(dict(vocab_size=enc.n_vocab, d_model=32, n_layer=1, n_head=2, n_kv_head=2,
                                         ffn_hidden=64, max_seq_len=32))
     first, second = Transformer(cfg), Transformer(cfg)
-    common.save_checkpoint(tmp_path / "ckpt", first, enc, stage="first")
+    checkpoint.save_checkpoint(tmp_path / "ckpt", first, enc, stage="first")
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the tokenizer")
 
-    monkeypatch.setattr(common, "save_tokenizer", crash)
+    monkeypatch.setattr(checkpoint, "save_tokenizer", crash)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(tmp_path / "ckpt", second, enc, stage="second")
+        checkpoint.save_checkpoint(tmp_path / "ckpt", second, enc, stage="second")
     monkeypatch.undo()
-    loaded, _, meta = common.load_checkpoint(tmp_path / "ckpt")
+    loaded, _, meta = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert meta["stage"] == "first"
     assert torch.equal(loaded.embed.weight, first.embed.weight)
-    common.save_checkpoint(tmp_path / "ckpt", second, enc, stage="second")  # the leftover is cleared, not in the way
-    assert common.load_checkpoint(tmp_path / "ckpt")[2]["stage"] == "second"
+    # the leftover is cleared, not in the way
+    checkpoint.save_checkpoint(tmp_path / "ckpt", second, enc, stage="second")
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt")[2]["stage"] == "second"
 
 
 def test_load_checkpoint_refuses_a_mismatched_tokenizer(tmp_path, enc):
     import json
     cfg = common.model_config_from(dict(vocab_size=enc.n_vocab, d_model=32, n_layer=1, n_head=2, n_kv_head=2,
                                         ffn_hidden=64, max_seq_len=32))
-    common.save_checkpoint(tmp_path / "ckpt", Transformer(cfg), enc, stage="test")
+    checkpoint.save_checkpoint(tmp_path / "ckpt", Transformer(cfg), enc, stage="test")
     meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     meta["tokenizer_hash"] = "0" * 64
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenizer"):
-        common.load_checkpoint(tmp_path / "ckpt")
+        checkpoint.load_checkpoint(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        common.load_checkpoint(tmp_path / "nothing")
+        checkpoint.load_checkpoint(tmp_path / "nothing")
 
 
 def test_lr_schedules():

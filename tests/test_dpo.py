@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import dpo  # noqa: E402  (its script flow runs only under __main__)
 import serve  # noqa: E402
 import textfilters as tf  # noqa: E402
-from common import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer, add_lora, lora_disabled  # noqa: E402
 from synth import offline_tasks  # noqa: E402
 from tokenizer import render_chat  # noqa: E402

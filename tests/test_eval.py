@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402  (its script flow runs only under __main__)
 import serve  # noqa: E402
-from common import parse_rating, save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from llm_api import parse_rating  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import encode_batch, render_chat, save_tokenizer, tokenizer_hash  # noqa: E402
 

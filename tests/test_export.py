@@ -14,7 +14,7 @@ import transformers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import serve  # noqa: E402  (its script flow runs only under __main__)
-from common import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import render_chat, special_id  # noqa: E402
 

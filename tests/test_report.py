@@ -10,7 +10,6 @@ import runpy
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -224,11 +223,11 @@ def test_without_matplotlib_the_report_says_why_no_plots(tmp_path, monkeypatch):
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable}
-    t0 = time.time()
+    # about a minute on 2 idle cores; how long it takes beside a busy neighbour is no property of the code, so the
+    # timeout only catches a hang (the assert below shows the output of a failing run)
     proc = subprocess.run(["bash", os.path.join(ROOT, "speedrun.sh")], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)  # the assert below shows the output of a failing run
+                          timeout=1800, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert time.time() - t0 < 300, "the smoke run takes about a minute on 2 idle cores"
     assert f"the report is {out}/report.md" in proc.stdout
     report = (out / "report.md").read_text(encoding="utf-8")
     assert_rows_filled(table_rows(report))

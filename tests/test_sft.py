@@ -2,7 +2,7 @@
 packed into one sequence compute exactly what they compute alone (and without the per-document positions and mask
 they would not); LoRA starts from the base model, trains only its adapters, merges into the same function and can be
 switched off (DPO's reference); a tiny SFT run lowers the held-out loss on synth.py's offline tasks, survives broken
-lines, and writes a checkpoint that common.load_checkpoint loads and that chats."""
+lines, and writes a checkpoint that checkpoint.load_checkpoint loads and that chats."""
 
 import copy
 import json
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import LoRALinear, ModelConfig, Transformer, add_lora, lora_disabled, merge_lora  # noqa: E402
 from synth import offline_tasks  # noqa: E402
 from tokenizer import render_chat, special_id  # noqa: E402

@@ -328,7 +328,7 @@ def test_offline_run_writes_the_schema_and_a_rerun_adds_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A random 1-layer model with a 512-id tokenizer trained here: what a teacher sounds like is not the point."""
-    from common import save_checkpoint
+    from checkpoint import save_checkpoint
     from model import ModelConfig, Transformer
     from tokenizer import train_tokenizer
     texts = [open(os.path.join(ROOT, "tests", "data", name), encoding="utf-8").read()

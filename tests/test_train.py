@@ -17,6 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common
+from checkpoint import load_checkpoint
 from tokenizer import encode_batch, save_tokenizer, tokenizer_hash, train_tokenizer
 
 TRAIN, FAULTS = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "tests", "faults.py")
@@ -93,7 +94,7 @@ def test_tiny_config_loss_falls(tmp_path, data_dir):
     assert steps[25]["tokens"] == 25 * 16 * 256 and steps[25]["skipped"] == 0
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
     assert set(val) == {"en", "ja"} and all(v < first for v in val.values())
-    model, _, meta = common.load_checkpoint(tmp_path / "model")  # the consolidated export the next stages load
+    model, _, meta = load_checkpoint(tmp_path / "model")  # the consolidated export the next stages load
     assert meta["stage"] == "pretrain" and meta["step"] == 25 and model.cfg.d_model == 128
 
 
@@ -178,7 +179,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, data_dir, uninterrupted):
     assert 9 not in steps and 10 not in steps  # no forward, no log line for the skipped range
     assert steps[12]["nan"] == 1 and steps[12]["skipped"] == 3 and steps[12]["tokens"] == 12 * 512
     assert np.isfinite(steps[12]["loss"]) and steps[12]["loss"] < steps[1]["loss"]
-    model, _, _ = common.load_checkpoint(tmp_path / "model")
+    model, _, _ = load_checkpoint(tmp_path / "model")
     assert all(p.isfinite().all() for p in model.parameters())  # the NaN never reached the weights
 
 
@@ -277,7 +278,7 @@ def test_upcycled_moe_learns_and_its_experts_drift_apart(tmp_path, data_dir):
 
     def expert_similarity(path):
         """Mean cosine similarity between the experts' w_up of each layer (Tanuki plotted it after upcycling)."""
-        model = common.load_checkpoint(path)[0]
+        model = load_checkpoint(path)[0]
         sims = []
         for block in model.blocks:
             w = torch.nn.functional.normalize(block.ffn.w_up.flatten(1), dim=1)
@@ -307,7 +308,7 @@ def test_two_ranks_train_the_same_moe_as_one(tmp_path, data_dir):
     assert all(abs(resumed[s]["loss"] - one[s]["loss"]) < 1e-5 for s in (3, 4))
     # the export, gathered tensor by tensor from 2 ranks, is the 1-rank model: every expert in its place
     import torch
-    model_one, model_two = (common.load_checkpoint(tmp_path / d / "model")[0] for d in ("one", "two"))
+    model_one, model_two = (load_checkpoint(tmp_path / d / "model")[0] for d in ("one", "two"))
     for (name, a), (_, b) in zip(model_one.state_dict().items(), model_two.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-5), name
 
@@ -363,7 +364,7 @@ def test_per_rank_init_is_independent_of_ranks_and_never_holds_the_model(tmp_pat
         probe(tmp_path / f"again{n_experts}", data_dir, 2, init_from=tmp_path / f"one{n_experts}", n_experts=n_experts,
               d_model=64, n_layer=2)
         assert (tmp_path / f"again{n_experts}" / "model.safetensors").read_bytes() == weights
-    model = common.load_checkpoint(tmp_path / "one4")[0]
+    model = load_checkpoint(tmp_path / "one4")[0]
     # stacked experts: each expert drawn with the model's init rule (std 0.02 and 0.02 / sqrt(2 n_layer) for w_down)
     assert abs(model.blocks[0].ffn.w_up.std().item() - 0.02) < 0.002
     assert abs(model.blocks[0].ffn.w_down.std().item() - 0.01) < 0.001

@@ -10,7 +10,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_checkpoint, model_config_from, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from common import model_config_from  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import train_tokenizer  # noqa: E402
 
