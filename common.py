@@ -299,7 +299,11 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
                                        context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
         if compile:
             # per block, not the whole model: one graph compiled once, reused n_layer times. fullgraph: a graph
-            # break would silently split the block and lose the fusion (tests/test_moe.py checks there is none)
+            # break would silently split the block and lose the fusion (tests/test_moe.py checks there is none).
+            # An MoE block records its balance losses and routing counts on the module in its forward; under
+            # recomputation dynamo refuses such side effects unless told not to replay them in the backward,
+            # which is what they need: recorded once per forward, not again by the recompute
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
             block.compile(fullgraph=True)
         fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement,
                     reshard_after_forward=reshard_after_forward)
