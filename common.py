@@ -35,6 +35,10 @@ def load_config(scope, argv=None):
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)}
     for arg in argv:
         if not arg.startswith("--"):
+            folder, name = os.path.split(arg)
+            if not os.path.isfile(arg) and os.path.basename(folder) == "config":
+                # the model card's commands spell the folder config/ (torchrun train.py config/8b.py): the same file
+                arg = os.path.join(os.path.dirname(folder), "configs", name)
             if not os.path.isfile(arg):
                 raise SystemExit(f"config file not found: {arg}")
             file_scope = {}

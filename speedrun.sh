@@ -47,9 +47,11 @@ rm -rf "$OUT/data" "$OUT/train" "$OUT/upcycle" "$OUT/train_moe" "$OUT/synth" "$O
     "$OUT/eval" "$OUT/plots" "$OUT/report.md" "$OUT/timings.jsonl"
 mkdir -p "$OUT"
 
-# 0. install the requirements if any is missing (torch 2.13.0 is the CPU build on a machine without a GPU)
-if ! $PYTHON -c "import torch, numpy, tiktoken, tqdm, rustbpe, safetensors" 2>/dev/null; then
-    stage install $PYTHON -m pip install -r requirements.txt
+# 0. install the requirements if any is missing (torch 2.13.0 is the CPU build on a machine without a GPU), the
+#    test suite's too, so that the README's second command (python -m pytest -q tests) runs right after this one
+if ! $PYTHON -c "import torch, numpy, tiktoken, tqdm, rustbpe, safetensors, pytest, transformers, matplotlib" \
+        2>/dev/null; then
+    stage install $PYTHON -m pip install -r requirements.txt -r requirements-dev.txt
 fi
 
 # 1. data: the built-in corpus (stdlib docstrings + code, template Japanese) -> cleaned, deduplicated uint16 shards,

@@ -58,6 +58,19 @@ def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
         common.load_config(defaults(), [str(tmp_path / "missing.py")])
 
 
+def test_config_folder_spelled_config_reads_configs(tmp_path):
+    # the model card's command is `torchrun train.py config/8b.py`; the repo's folder is configs/
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.py").write_text("max_iters = 7\n")
+    assert common.load_config(defaults(), [str(tmp_path / "config" / "run.py")])["max_iters"] == 7
+    with pytest.raises(SystemExit, match="not found"):
+        common.load_config(defaults(), [str(tmp_path / "config" / "other.py")])
+    # from the repo, as the card spells it
+    run = subprocess.run([sys.executable, "bench.py", "config/8b.py", "--plan"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0 and "(7.516B)" in run.stdout, run.stderr[-2000:]
+
+
 # configs that are layered on top of another one: `train.py configs/8b.py configs/8x8b.py`
 BASE_CONFIG = {"8x8b.py": "8b.py", "tiny_moe.py": "tiny.py"}
 
