@@ -217,11 +217,17 @@ class MoE(nn.Module):
         if self.capacity_factor > 0:  # GShard/Switch: each expert takes at most cf * its fair share of N*k
             capacity = math.ceil(self.capacity_factor * x.size(0) * self.top_k / self.n_experts)
         y = self.dispatch(x, experts, gates, self.w_gate, self.w_up, self.w_down, capacity)
-        self.aux_loss = balance_loss(probs, experts, self.n_experts)
-        self.z_loss = router_z_loss(logits)
+        aux_loss, z_loss = balance_loss(probs, experts, self.n_experts), router_z_loss(logits)
+        # activation checkpointing reruns this forward inside the backward; losses recorded by the rerun would keep
+        # its whole graph (and everything it saved) alive until the next forward: ~1.4 GiB per layer at 8x8B and
+        # micro-batch 6 (bench.py --simulate). Only the real forward records them. (Compiled, the check is skipped:
+        # the rerun is inside the compiled backward and records nothing.)
+        record = torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
+        if record:
+            self.aux_loss, self.z_loss = aux_loss, z_loss
         with torch.no_grad():  # kept as tensors: turning them into numbers here would sync the GPU every layer
             counts = expert_counts(experts, self.n_experts).float()
-            if self.training:
+            if self.training and record:  # counted once per forward, not again by the rerun
                 self.tokens_per_expert += counts
             load = counts / experts.numel()
             kept = counts.sum() if capacity is None else counts.clamp(max=capacity).sum()

@@ -22,11 +22,13 @@ max_iters = 48_000
 # Parallelism, as `python bench.py configs/8b.py configs/8x8b.py --simulate --gpus=128` traced it: 47B parameters
 # of float32 weights, gradients and AdamW state are 752 GB, so sharding within a node (94 GB per GPU) cannot fit; the
 # 8x8B shards over all 128 GPUs, and its gathers and reduce-scatters cross InfiniBand. Fewer, larger micro-batches
-# are the lever: micro-batch 1 (as first written) moved 8.9 TB per GPU per step, a 4.7% MFU ceiling; 4: 53.0 GiB,
-# 18.6%; 6: 70.0 GiB, 27.9% with overlap (20.4% without); 8: 87.0 GiB, does not fit. Tanuki's Megatron run (pipeline
-# parallel) logged ~25%; expert parallelism would cut the expert weights' traffic further.
+# are the lever (each one all-gathers and reduce-scatters the whole model): micro-batch 1 (as first written) moved
+# 8.9 TB per GPU per step, a 4.7% MFU ceiling; 6: 29.7 GiB, 1.49 TB, 27.9% with overlap / 20.4% without; 12: 40.5
+# GiB, 32.1% without; 24 (the whole step in one micro-batch): 60.8 GiB, 0.37 TB, 75.4% / 45.0%. Tanuki's Megatron
+# run (pipeline parallel) logged ~25%.
 hsdp_replicas = 0
 grad_sync = "every"
-micro_batch_size = 6     # 24 sequences per GPU per step: 4 micro-batches. If it runs out of memory (the trace counts
-                         # tensors only, not the CUDA context, NCCL or fragmentation): 4
+micro_batch_size = 24    # all 24 sequences per GPU per step in one forward: one gather and one reduce-scatter of
+                         # the model per step. The trace counts tensors only (not the CUDA context, NCCL or the
+                         # allocator's fragmentation): if it runs out of memory, 12
 activation_checkpoint = "full"  # selective keeps every output of the expert custom op: no smaller than "none"

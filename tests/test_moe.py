@@ -197,3 +197,21 @@ def test_moe_block_compiles_whole(mode, capacity_factor, bias_rate):
                                                moe_capacity_factor=capacity_factor, moe_bias_update_rate=bias_rate))
     dropped = eager[5]
     assert (dropped > 0) == (capacity_factor > 0)  # 16 tokens x top-2 over 8 experts at capacity 4: some drop
+
+
+def test_recomputation_in_the_backward_does_not_replace_the_forwards_losses():
+    # with activation checkpointing the block's forward runs again inside the backward; had the rerun recorded its
+    # balance loss on the module, that loss would keep the rerun's whole graph alive until the next forward
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from model import Block, ModelConfig, rope_tables
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=16,
+                      n_experts=4)
+    block = checkpoint_wrapper(Block(cfg), preserve_rng_state=False)
+    cos, sin = rope_tables(cfg.head_dim, 16, cfg.rope_theta)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    y = block(x, cos, sin)
+    moe = block._checkpoint_wrapped_module.ffn
+    aux, counts = moe.aux_loss, moe.tokens_per_expert.clone()
+    (y.square().mean() + moe.aux_loss).backward()
+    assert moe.aux_loss is aux and torch.equal(moe.tokens_per_expert, counts) and counts.sum() == 2 * 16 * 2
