@@ -232,7 +232,8 @@ def collective_counter():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace in ("c10d", "_c10d_functional") and func is not functional.wait_tensor.default:
                 if func not in full_buffer:
-                    raise NotImplementedError(f"collective {func}: add how many bytes it moves")
+                    raise RuntimeError(f"--simulate does not know the bytes of collective {func}: add it to "
+                                       "full_buffer")
                 kind, size = full_buffer[func]
                 group = next(_resolve_process_group(a) if isinstance(a, str) else
                              torch._C._distributed_c10d.ProcessGroup.unbox(a) for a in args
