@@ -73,7 +73,7 @@ reshard_after_forward = True    # as train.py: False keeps each block gathered f
 grad_sync = "every"             # as train.py: "every", "last_all_reduce" or "last" (common.set_grad_sync)
 dtype = "bfloat16"    # what the kernels and the model run in on H100
 # the planner
-gpus = 128            # Tanuki's 16 nodes x 8 H100 (TANUKI.md "Pretraining")
+gpus = 128            # Tanuki's 16 nodes x 8 H100 (docs/recipe.md "Pretraining")
 hsdp_replicas = 0     # as train.py: >1 shards within gpus / hsdp_replicas GPUs (a node) and replicates across;
                       # -1: one replica per node of gpus_per_node
 plan_mfu = 0.25       # Tanuki's 241-246 TFLOP/s of 989: about a quarter ("Pretraining")
@@ -135,10 +135,10 @@ def aot_report():
 # the parameter count that could drift from the model)
 
 GiB = 2**30
-# Tanuki's throughput on 16 nodes x 8 H100, Megatron-LM, bf16 (TANUKI.md "Pretraining")
+# Tanuki's throughput on 16 nodes x 8 H100, Megatron-LM, bf16 (docs/recipe.md "Pretraining")
 TANUKI_GPUS = 128
 TANUKI_TOKENS_PER_DAY = {"8B": 60e9, "8x8B": 30e9}
-CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, compute-optimal (TANUKI.md "General guidance")
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, compute-optimal (docs/recipe.md "General guidance")
 
 
 def plan_report():
@@ -164,7 +164,8 @@ def plan_report():
     print(f"\ntime on {gpus} H100 at MFU {plan_mfu:.0%} of {peak_flops / 1e12:.0f} TFLOP/s "
           f"({plan_mfu * peak_flops / 1e12:.0f} TFLOP/s per GPU)")
     print(f"  {tokens_per_day / 1e9:.1f}B tokens/day; Tanuki: 8B ~{TANUKI_TOKENS_PER_DAY['8B'] / 1e9:.0f}B, "
-          f"8x8B ~{TANUKI_TOKENS_PER_DAY['8x8B'] / 1e9:.0f}B tokens/day on {TANUKI_GPUS} H100 (TANUKI.md)")
+          f'8x8B ~{TANUKI_TOKENS_PER_DAY["8x8B"] / 1e9:.0f}B tokens/day on {TANUKI_GPUS} H100 '
+          '(docs/recipe.md "Pretraining")')
     print(f"  {max_iters:,} steps: {run_tokens / tokens_per_day:.1f} days, "
           f"{tokens_per_step / tokens_per_day * 86400:.1f} s per step")
     if activation_checkpoint == "full":  # MFU counts the model's FLOPs (6N), not the recomputed forward (2N)

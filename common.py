@@ -1,6 +1,6 @@
 """
-What several stages share, and nothing else (DESIGN.md): configuration, distributed set-up, FSDP2 sharding,
-learning-rate schedules, the MFU helper and the token shards. Checkpoints are in checkpoint.py, the
+What several stages share, and nothing else (docs/design.md "Layout"): configuration, distributed set-up, FSDP2
+sharding, learning-rate schedules, the MFU helper and the token shards. Checkpoints are in checkpoint.py, the
 OpenAI-compatible client and the LLM judge in llm_api.py.
 """
 
@@ -92,7 +92,7 @@ def model_config_from(scope):
 def setup_distributed(device="auto", timeout_minutes=30, world_of_one=False):
     """Returns (rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU. The process-group timeout is a
     setting because collectives wait on the slowest rank: Tanuki's 8x8B checkpoint saves to slow storage hit the
-    default 10 minutes and needed 30 (TANUKI.md "What failed"). With world_of_one, a plain `python stage.py` gets a
+    default 10 minutes and needed 30 (docs/recipe.md "What failed"). With world_of_one, a plain `python stage.py` gets a
     process group of one, so an FSDP stage has a single code path to read and test."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,7 +129,7 @@ def print0(*args, **kwargs):
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps, schedule="cosine", decay_frac=0.2):
     """Learning rate at `step` (0-based).
     cosine: linear warmup, then cosine from max_lr to min_lr at total_steps (Tanuki's Megatron runs:
-            1000 warmup steps, 1e-4 -> 1e-6; TANUKI.md).
+            1000 warmup steps, 1e-4 -> 1e-6; docs/recipe.md "Released training scripts").
     wsd:    warmup-stable-decay: linear warmup, max_lr held, then the last `decay_frac` of the steps cooled to
             min_lr along 1 - sqrt (MiniCPM; Hagele et al. 2024). A run can be extended from any stable-phase
             checkpoint, since nothing before the cooldown depends on total_steps."""
@@ -154,7 +154,7 @@ def lr_at(step, max_lr, min_lr, warmup_steps, total_steps, schedule="cosine", de
 
 PEAK_BF16_FLOPS = {  # dense (no 2:4 sparsity), from the vendors' data sheets
     "H200": 989e12,
-    "H100 SXM": 989e12,   # the 989 TFLOP/s that Tanuki's ~25% MFU is measured against (TANUKI.md)
+    "H100 SXM": 989e12,   # the 989 TFLOP/s that Tanuki's ~25% MFU is measured against (docs/recipe.md "Pretraining")
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,       # names without the form factor: assume SXM, the cluster part
@@ -187,8 +187,9 @@ def mfu(flops_per_token, tokens_per_second_per_device, device_name):
 
 def open_shards(data_dir, source, split, tokenizer_hash, min_tokens=1):
     """Memory-map the `split` ("train" or "val") shards of one source, after checking everything that can be
-    checked without reading them: Tanuki's runs died on missing or tiny shards at start-up (TANUKI.md "What
-    failed"), so every mismatch is an error naming the file, raised before a single step is trained.
+    checked without reading them: Tanuki's runs died on missing or tiny shards at start-up
+    (docs/recipe.md "What failed"), so every mismatch is an error naming the file, raised before a single step is
+    trained.
     Returns (list of 1-D numpy memmaps, meta dict)."""
     where = os.path.join(data_dir, source)
     meta_path = os.path.join(where, "meta.json")
@@ -242,8 +243,34 @@ def read_tokens(shards, start, length):
 
 
 # -----------------------------------------------------------------------------
-# FSDP2: every rank holds 1/N of each parameter, gradient and optimizer state (ZeRO-3; TANUKI.md "General
-# guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native equivalent.
+# a stage's own JSONL outputs (synth.py, dpo.py), one line per record and flushed: a kill loses at most the line
+# being written
+
+def read_jsonl(path):
+    """The complete records of one of our own JSONL files, [] when there is none. A last line cut off by a kill is
+    no record (its work is redone). Read-only, so any rank may read another rank's file while it is written."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
+
+
+def append_jsonl(path):
+    """Open one's own JSONL file for appending: a last line that a kill cut mid-write is removed first, so the next
+    record starts on a line of its own."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: every rank holds 1/N of each parameter, gradient and optimizer state (ZeRO-3;
+# docs/recipe.md "General guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native
+# equivalent.
 
 AC_MODES = ("none", "selective", "full")
 

@@ -1,6 +1,6 @@
 """
-Stage 6: DPO on the model's own answers, picked by a judge (TANUKI.md "Post-training": DPO instead of RL; the
-rejected answers come from the model itself, and a stronger judge picks the best of several).
+Stage 6: DPO on the model's own answers, picked by a judge (docs/recipe.md "DPO": DPO instead of RL; the rejected
+answers come from the model itself, and a stronger judge picks the best of several).
 
     python dpo.py configs/dpo_tiny.py                              # tiny: the offline verifier judges, ~1 minute
     python dpo.py configs/dpo_tiny.py --steps='["train"]'          # one step alone (each step is resumable)
@@ -13,7 +13,8 @@ A round is three steps, each writing into out_dir/round_<r>/, each continuing wh
 resumes by running the same command again) and each runnable alone with --steps:
   sample  K answers per prompt from the policy at temperature 1 (Tanuki: 4 answers at 1.0), locally or through any
           OpenAI-compatible server -> samples_<rank>.jsonl
-  judge   a score for every answer, then chosen = the best, rejected = the worst; ties are dropped -> pairs.jsonl
+  judge   a score for every answer, then chosen = the best, rejected = the worst; ties are dropped, and an answer
+          cut at max_new_tokens ranks below every finished one (never chosen) -> pairs.jsonl
           judge="verifier": textfilters.verifier_score against the prompt's known answer (synth.py's records carry
             it): 3 right in exactly the asked format, 2 right in another, 1 wrong in the answer's form, 0 neither;
           judge="llm": MT-Bench-style grading 1-10 by an OpenAI-compatible judge (llm_api.judge_ratings: cached, a
@@ -42,7 +43,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import textfilters as tf
 from checkpoint import (latest_checkpoint, load_checkpoint, load_for_finetuning, load_train_checkpoint, save_finetuned,
                         save_train_checkpoint)
-from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
+from common import append_jsonl, cleanup_distributed, load_config, lr_at, print0, read_jsonl, setup_distributed
 from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from model import lora_disabled
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
@@ -58,7 +59,7 @@ max_eval_prompts = 200        # held-out prompts whose answers are sampled again
 steps = ["sample", "judge", "train"]
 rounds = 1
 seed = 1337
-# sample (TANUKI.md: their self-sampled loop drew 4 answers per prompt at temperature 1.0)
+# sample (docs/recipe.md "DPO": their self-sampled loop drew 4 answers per prompt at temperature 1.0)
 samples_per_prompt = 4
 temperature = 1.0
 top_p = 1.0
@@ -78,12 +79,12 @@ judge_max_tokens = 512
 request_timeout = 120.0
 http_retries = 4              # transport errors (5xx, 429, timeouts), with exponential backoff
 backoff = 1.0
-# DPO. TANUKI.md, the team's scripts: 8B beta 0.1, LR 5e-7; 8x8B beta 0.5, label smoothing 0.01, LR 1e-6, global
-# batch 1024, max length 2048, one epoch, a DPO-Positive term; the self-sampled LoRA loop beta 0.2, LR 2e-7
+# DPO. The team's scripts (docs/recipe.md "DPO"): 8B beta 0.1, LR 5e-7; 8x8B beta 0.5, label smoothing 0.01, LR
+# 1e-6, global batch 1024, max length 2048, one epoch, a DPO-Positive term; the self-sampled LoRA loop beta 0.2, LR 2e-7
 beta = 0.1
 label_smoothing = 0.0         # conservative DPO (Mitchell 2023): the labels are flipped with this probability
 dpop_lambda = 0.0             # DPO-Positive (Pal et al. 2024): penalize the chosen answer's log-prob falling below
-                              # the reference's; TANUKI.md gives no weight, the DPOP paper used 50
+                              # the reference's; the team's scripts give no weight, the DPOP paper used 50
 reference = "precomputed"     # "precomputed": the policy's log-probs before training, computed once (no second
                               # model in memory); "adapters_off": with LoRA, the policy with its adapters disabled
 seq_len = 2048
@@ -134,14 +135,15 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, label_smoot
 
 def reward_accuracy(reward_chosen, reward_rejected):
     """The fraction of pairs whose chosen answer has the higher implicit reward; a tie counts half, so the untrained
-    policy (the reference itself, every reward 0) scores chance, 0.5."""
+    policy (the reference itself, every reward 0) scores chance, 0.5. (TRL's rewards/accuracies counts a tie as a
+    loss: 0 before training; the two agree once no reward ties.)"""
     return ((reward_chosen > reward_rejected).float() + 0.5 * (reward_chosen == reward_rejected).float()).mean()
 
 
 def response_logprobs(model, rows, pad_id):
     """Summed log-prob of each row's response tokens. rows: [(input ids, targets)] with target -1 off the response.
-    One right-padded forward; the full logits are taken (fine at 2048 tokens x a few rows; the fused loss kernel
-    returns a mean, not per-row sums)."""
+    One right-padded forward; the sums come from the model's per-row loss, chunk by chunk, never the float32
+    (rows, T, vocab) logits (2.1 GB at the 8B shape for 2 pairs of 2048 tokens; kernels/cross_entropy.py)."""
     T = max(len(x) for x, _ in rows)
     device = model.embed.weight.device
     x = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
@@ -149,27 +151,15 @@ def response_logprobs(model, rows, pad_id):
     for r, (inputs, targets) in enumerate(rows):
         x[r, : len(inputs)] = torch.tensor(inputs, device=device)
         y[r, : len(targets)] = torch.tensor(targets, device=device)
-    logits = model(x)[0].float()
-    token_logp = -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-    return token_logp.view(len(rows), T).sum(dim=1)
+    return -model(x, y, per_row=True)[1]
 
 
-def read_jsonl(path):
-    """Records of one of our own JSONL files; a line cut by a kill mid-write is skipped (its work is redone)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    return [json.loads(line) for line in lines[:-1]]  # the last is "" or a line cut by a kill
-
-
-def append_file(path):
-    """Open a JSONL file for appending after a kill: a last line cut mid-write is removed first, so the next record
-    starts on a line of its own."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
+def answer_rows(enc, prompt, answer):
+    """(inputs, targets) of a prompt and its answer: targets only on the answer and its <|end|>. Not render_chat's
+    mask, which marks every assistant turn: a multi-turn prompt's earlier assistant turns are prompt, not response."""
+    ids = render_chat(enc, prompt + [{"role": "assistant", "content": answer}])[0]
+    start = len(render_chat(enc, prompt, add_generation_prompt=True)[0])  # where the answer's tokens begin
+    return ids[:-1], [t if i >= start else -1 for i, t in enumerate(ids[1:], 1)]
 
 
 def read_prompts(path, limit):
@@ -206,9 +196,10 @@ def read_prompts(path, limit):
 
 
 def generate_answers(policy_dir, records, round_dir, name, url):
-    """Append {"id", "messages", "answer", "lang", "held_out", "eval", "samples": [K answers], "greedy": answer or
-    None} to round_dir/<name>_<rank>.jsonl for every record not in any rank's file yet: K = samples_per_prompt
-    answers at `temperature`, and a greedy one for the evaluated prompts (the pass rate without sampling noise).
+    """Append {"id", "messages", "answer", "lang", "held_out", "eval", "samples": [K answers], "finished": [K bools],
+    "greedy": answer or None} to round_dir/<name>_<rank>.jsonl for every record not in any rank's file yet: K =
+    samples_per_prompt answers at `temperature`, finished False where an answer was cut at max_new_tokens, and a
+    greedy one for the evaluated prompts (the pass rate without sampling noise).
     Locally in batches of about sample_batch_size rows; a server (url) gets one request per answer, `concurrency`
     in flight. One line per prompt as it is done, so a kill loses at most the batch in flight."""
     done = {r["id"] for r in read_answers(round_dir, name)}
@@ -216,7 +207,7 @@ def generate_answers(policy_dir, records, round_dir, name, url):
     n, per_batch = samples_per_prompt, max(1, sample_batch_size // (samples_per_prompt + 1))
     model, enc, _ = load_checkpoint(policy_dir, device=device, dtype=torch_dtype) if todo and not url else (None,) * 3
     model = model.eval() if model else None
-    with append_file(os.path.join(round_dir, f"{name}_{rank}.jsonl")) as f:
+    with append_jsonl(os.path.join(round_dir, f"{name}_{rank}.jsonl")) as f:
         for i in range(0, len(todo), per_batch):
             chunk = todo[i : i + per_batch]
             greedy = [r for r in chunk if r["eval"]]
@@ -225,19 +216,22 @@ def generate_answers(policy_dir, records, round_dir, name, url):
                 jobs += [(r["messages"], 0.0) for r in greedy]
                 ask = lambda job: chat_completion(job[0], {"max_tokens": max_new_tokens, "temperature": job[1],
                                                            "top_p": top_p if job[1] else 1.0}, url, sample_api_key,
-                                                  sample_model, request_timeout, http_retries, backoff)[0]
+                                                  sample_model, request_timeout, http_retries, backoff)[:2]
                 with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-                    answers = list(pool.map(ask, jobs))
+                    replies = list(pool.map(ask, jobs))
+                # finish_reason "length": cut at max_tokens (OpenAI's and vLLM's protocol, serve.py's too)
+                answers, finished = [a for a, _ in replies], [why != "length" for _, why in replies]
             else:
                 # the same answers when the same batch is generated again (crc32: Python's str hash is salted)
                 batch_seed = zlib.crc32(f"{seed}/{name}/{chunk[0]['id']}".encode())
-                answers = local_generate(model, enc, [r["messages"] for r in chunk for _ in range(n)], temperature,
-                                         batch_seed)
+                answers, finished = local_generate(model, enc, [r["messages"] for r in chunk for _ in range(n)],
+                                                   temperature, batch_seed)
                 if greedy:
-                    answers += local_generate(model, enc, [r["messages"] for r in greedy], 0.0, batch_seed)
+                    answers += local_generate(model, enc, [r["messages"] for r in greedy], 0.0, batch_seed)[0]
             greedy_of = dict(zip([r["id"] for r in greedy], answers[len(chunk) * n :]))
             for j, r in enumerate(chunk):
-                f.write(json.dumps({**r, "samples": answers[j * n : (j + 1) * n], "greedy": greedy_of.get(r["id"])},
+                f.write(json.dumps({**r, "samples": answers[j * n : (j + 1) * n],
+                                    "finished": finished[j * n : (j + 1) * n], "greedy": greedy_of.get(r["id"])},
                                    ensure_ascii=False) + "\n")
             f.flush()
             print(f"[rank {rank}] {name}: {min(i + per_batch, len(todo))}/{len(todo)} prompts", flush=True)
@@ -249,15 +243,21 @@ def read_answers(round_dir, name):
     return [r for p in sorted(glob.glob(os.path.join(round_dir, f"{name}_*.jsonl"))) for r in read_jsonl(p)]
 
 
+def prompt_fits(enc, messages):
+    """One length rule for sampling and training: a prompt is used when it leaves room for a whole answer of
+    max_new_tokens in the context that training uses (context_len). A longer one is skipped and counted, never cut
+    (cutting its start would lose <|bos|> and the system turn, and training would drop the pair anyway)."""
+    return len(render_chat(enc, messages, add_generation_prompt=True)[0]) + max_new_tokens <= context_len
+
+
 def local_generate(model, enc, conversations, temp, batch_seed):
+    """(answers, finished): finished is False for an answer cut at max_new_tokens."""
     stop, pad = (special_id(enc, "<|end|>"), special_id(enc, "<|eos|>")), special_id(enc, "<|pad|>")
-    room = max(1, model.cfg.max_seq_len - max_new_tokens)
-    # a prompt longer than the context leaves room for the answer by losing its start
-    ids = [render_chat(enc, c, add_generation_prompt=True)[0][-room:] for c in conversations]
-    new = min(max_new_tokens, model.cfg.max_seq_len - max(len(x) for x in ids))
-    out = model.generate(ids, new, stop_tokens=stop, temperature=temp, top_p=top_p if temp else None,
+    ids = [render_chat(enc, c, add_generation_prompt=True)[0] for c in conversations]  # each fits: prompt_fits
+    out = model.generate(ids, max_new_tokens, stop_tokens=stop, temperature=temp, top_p=top_p if temp else None,
                          seed=batch_seed, pad_id=pad)
-    return [enc.decode(x) for x in out]
+    # generate leaves the stop token out: an answer that stopped has fewer than max_new_tokens tokens
+    return [enc.decode(x) for x in out], [len(x) < max_new_tokens for x in out]
 
 
 # -----------------------------------------------------------------------------
@@ -311,24 +311,35 @@ def judge_step(round_dir):
         records = [r for r in records if r.get("answer") is not None]
     records = [{**r, "greedy": None} for r in records]  # the greedy answers are for the pass rate, not candidates
     scores, unparsable = score_answers(records, os.path.join(round_dir, "judge_cache.jsonl"))
-    pairs, ties = [], 0
+    pairs, ties, none_finished = [], 0, 0
     for r, row in zip(records, scores):
-        rated = [(s, a) for s, a in zip(row, r["samples"]) if s is not None]  # unparsable: never a candidate
-        best, worst = max(rated, key=lambda sa: sa[0], default=None), min(rated, key=lambda sa: sa[0], default=None)
+        # an answer cut at max_new_tokens ranks below every finished one (TRL's missing_eos_penalty, made absolute):
+        # never chosen, since training appends <|end|> and would teach stopping mid-answer; it may be rejected, which
+        # pushes that <|end|> down. Records from before the flag count as finished
+        finished = r.get("finished") or [True] * len(r["samples"])
+        rated = [((f, s), a) for s, a, f in zip(row, r["samples"], finished) if s is not None]  # unparsable: never
+        best, worst = max(rated, key=lambda ka: ka[0], default=None), min(rated, key=lambda ka: ka[0], default=None)
+        if rated and not best[0][0]:
+            none_finished += 1
+            continue
         if not rated or best[0] == worst[0]:  # all tied (or unrated): no preference to learn
             ties += 1
             continue
         pairs.append({"id": r["id"], "prompt": r["messages"], "chosen": best[1], "rejected": worst[1],
-                      "chosen_score": best[0], "rejected_score": worst[0], "held_out": r["held_out"]})
+                      "chosen_score": best[0][1], "rejected_score": worst[0][1], "rejected_finished": worst[0][0],
+                      "held_out": r["held_out"]})
     with open(os.path.join(round_dir, "pairs.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     stats = {"prompts": len(records), "samples": sum(len(r["samples"]) for r in records), "unparsable": unparsable,
+             "cut_answers": sum(r.get("finished", []).count(False) for r in records),
+             "none_finished_dropped": none_finished, "cut_rejected": sum(not p["rejected_finished"] for p in pairs),
              "ties_dropped": ties, "pairs": sum(not p["held_out"] for p in pairs),
              "held_out_pairs": sum(p["held_out"] for p in pairs)}
     with open(os.path.join(round_dir, "judge.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=1)
     print0(f"judge: {stats['pairs']} training pairs, {stats['held_out_pairs']} held out; {ties} prompts all tied; "
-           f"{unparsable} unparsable judgments")
+           f"{unparsable} unparsable judgments; {stats['cut_answers']} answers cut at max_new_tokens (never chosen: "
+           f"{none_finished} prompts without a finished answer dropped, {stats['cut_rejected']} pairs reject one)")
 
 
 # -----------------------------------------------------------------------------
@@ -341,14 +352,12 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     pad_id = special_id(enc, "<|pad|>")
     pairs = read_jsonl(os.path.join(round_dir, "pairs.jsonl"))
 
-    def rows_of(prompt, answer):  # (inputs, targets): targets only on the answer and its <|end|>
-        ids, mask = render_chat(enc, prompt + [{"role": "assistant", "content": answer}])
-        return ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-
     data, too_long = [], 0
     for i, p in enumerate(pairs):
-        chosen, rejected = rows_of(p["prompt"], p["chosen"]), rows_of(p["prompt"], p["rejected"])
-        if max(len(chosen[0]), len(rejected[0])) > seq_len:
+        chosen, rejected = answer_rows(enc, p["prompt"], p["chosen"]), answer_rows(enc, p["prompt"], p["rejected"])
+        # prompt_fits left room for max_new_tokens; an answer whose text encodes to more tokens than were sampled
+        # (decode, then encode again) can still pass the context: dropped and counted
+        if max(len(chosen[0]), len(rejected[0])) > context_len:
             too_long += 1
             continue
         data.append({"index": i, "chosen": chosen, "rejected": rejected, "held_out": p["held_out"]})
@@ -357,7 +366,7 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     if not train_data:
         raise SystemExit(f"{round_dir}: no training pairs (every prompt tied, or the judge step has not run)")
     n_steps = max_iters if max_iters > 0 else max(1, math.ceil(epochs * len(train_data) / batch_size))
-    print0(f"train: {len(train_data)} pairs, {len(val_data)} held out, {too_long} longer than {seq_len} dropped; "
+    print0(f"train: {len(train_data)} pairs, {len(val_data)} held out, {too_long} longer than {context_len} dropped; "
            f"{n_steps} steps of {batch_size} pairs")
 
     lora = (lora_rank, lora_alpha, lora_dropout, tuple(lora_targets)) if lora_rank else None
@@ -384,14 +393,45 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
         for k in range(rank, math.ceil(len(micro) / world_size) * world_size, world_size):
             yield (micro[k], True) if k < len(micro) else (micro[0], False)
 
+    rows_per_rank = batch_size // world_size
+
+    def next_batch(loader):
+        """The next global batch of train_data, the same on every rank, from loader = [epoch, cursor] (advanced):
+        each epoch a fresh permutation, and a batch runs on into the next epoch where one ends."""
+        batch = []
+        while len(batch) < batch_size:
+            epoch, cursor = loader
+            order = np.random.default_rng([seed, round_index, epoch]).permutation(len(train_data))
+            batch.append(train_data[order[cursor]])
+            loader[:] = [epoch + 1, 0] if cursor + 1 == len(train_data) else [epoch, cursor + 1]
+        return batch
+
+    def my_micro_batches(batch):  # this rank's slice of a global batch, micro-batch by micro-batch
+        mine = batch[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+        return [mine[i : i + micro_batch_size] for i in range(0, rows_per_rank, micro_batch_size)]
+
     @torch.no_grad()
-    def compute_reference(items):
-        """Reference log-probs of `items` (the policy before training), gathered from every rank into one table."""
-        table = torch.zeros(len(pairs), 2, device=device)
-        for batch, mine in rank_batches(items):
+    def compute_reference():
+        """The policy's log-probs before training, for every pair, gathered into one table. Each training pair is
+        computed in the very micro-batch it first trains in (the first epoch's batches), each held-out pair as
+        evaluate() groups it: same rows, same padding, same rounding, so at step 0 the policy equals its reference
+        to the last bit, as with the adapters off. That matters: there the DPO-Positive term max(0, ref - policy)
+        sits on its kink, and a reference from other batches would switch its gradient on or off by rounding."""
+        table, first, loader = torch.zeros(len(pairs), 2, device=device), set(), [0, 0]
+        while len(first) < len(train_data):  # the first epoch, and the rest of the batch that ends it
+            batch = next_batch(loader)
+            new = [d["index"] not in first for d in batch]  # the same on every rank: the batch is global
+            first.update(d["index"] for d in batch)
+            new = new[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+            for k, micro in enumerate(my_micro_batches(batch)):
+                c, r = logprobs(micro)
+                for j, d in enumerate(micro):
+                    if new[k * micro_batch_size + j]:
+                        table[d["index"]] = torch.stack([c[j], r[j]])
+        for batch, mine in rank_batches(val_data):
             c, r = logprobs(batch)
             if mine:
-                table[[d["index"] for d in batch]] = torch.stack([c, r], dim=1).float()
+                table[[d["index"] for d in batch]] = torch.stack([c, r], dim=1)
         dist.all_reduce(table)
         return table
 
@@ -421,7 +461,7 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
                              f"remove {ckpt_root} to train this round again")
         else:
             model.eval()
-            ref_table = compute_reference(data)
+            ref_table = compute_reference()
             model.train()
             if master:
                 with open(ref_path + ".tmp", "w", encoding="utf-8") as f:
@@ -461,24 +501,16 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     if not resume_dir and val_data:
         log_metrics({"step": 0, **before})
         print0(f"train: held-out before DPO: {before}")
-    rows_per_rank = batch_size // world_size
-    grad_accum = max(1, rows_per_rank // micro_batch_size)
     model.train()
     t_start, t_log = time.perf_counter(), time.perf_counter()
     while step < n_steps:
         lr = lr_at(step, learning_rate, min_lr, warmup_iters, n_steps, lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = []  # the global batch, the same on every rank; each rank trains on its own slice
-        while len(batch) < batch_size:
-            epoch, cursor = loader
-            order = np.random.default_rng([seed, round_index, epoch]).permutation(len(train_data))
-            batch.append(train_data[order[cursor]])
-            loader[:] = [epoch + 1, 0] if cursor + 1 == len(train_data) else [epoch, cursor + 1]
-        mine = batch[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+        batch = next_batch(loader)  # the global batch; each rank trains on its own slice
         total = torch.zeros(5, device=device)
-        for micro in range(grad_accum):
-            loss, stats = sums(mine[micro * micro_batch_size : (micro + 1) * micro_batch_size])
+        for micro in my_micro_batches(batch):
+            loss, stats = sums(micro)
             (loss * world_size / batch_size).backward()  # FSDP averages over ranks: the mean over the global batch
             total += torch.cat([loss.detach()[None], stats])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
@@ -494,7 +526,8 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
         tokens += sum(len(d["chosen"][0]) + len(d["rejected"][0]) for d in batch)
         if step % log_interval == 0 or step == n_steps:
             dt = (time.perf_counter() - t_log) / log_interval
-            print0(f"step {step}/{n_steps} | loss {total[0]:.4f} | reward acc {total[3]:.3f} | margin {total[4]:.4f} "
+            print0(f"step {step}/{n_steps} | loss {total[0]:.4f} | reward acc {total[3]:.3f} (a tie: 1/2) "
+                   f"| margin {total[4]:.4f} "
                    f"| lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {1000 * dt:.0f} ms/step | skipped {skipped}")
             log_metrics({"step": step, "loss": total[0], "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
                          "skipped": skipped, "reward_chosen": total[1], "reward_rejected": total[2],
@@ -558,12 +591,18 @@ if __name__ == "__main__":
         raise SystemExit(f"batch_size={batch_size} must split evenly over {world_size} ranks into micro-batches of "
                          f"{micro_batch_size} pairs")
     records, broken = read_prompts(prompts, max_prompts)
+    with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:  # every round's policy has this shape
+        context_len = min(seq_len, json.load(f)["model"]["max_seq_len"])
+    enc = load_tokenizer(init_from)
+    fitting = [r for r in records if prompt_fits(enc, r["messages"])]
+    too_long, records = len(records) - len(fitting), fitting
     held_out = [r for i, r in enumerate(records) if i % val_every == 0]
     eval_ids = {r["id"] for r in held_out[:max_eval_prompts]}
     for i, r in enumerate(records):
         r["held_out"], r["eval"] = i % val_every == 0, r["id"] in eval_ids
     print0(f"dpo: {len(records)} prompts ({len(held_out)} held out, {len(eval_ids)} evaluated before and after), "
-           f"{broken} broken lines skipped; {rounds} round(s) of {steps}")
+           f"{broken} broken lines skipped, {too_long} without room for a {max_new_tokens}-token answer in "
+           f"{context_len} skipped; {rounds} round(s) of {steps}")
     os.makedirs(out_dir, exist_ok=True)
     summary_path = os.path.join(out_dir, "summary.json")
     summary = {"rounds": []}

@@ -1,5 +1,6 @@
 """
-Evaluation (TANUKI.md "Evaluation": post-train and evaluate often, and measure format compliance apart from knowledge).
+Evaluation (docs/recipe.md "Evaluation": post-train and evaluate often, and measure format compliance apart from
+knowledge).
 
     python eval.py --init_from=out/sft --data_dir=out/data --tasks_file=out/synth_eval/chat.jsonl   # tiny default
     python eval.py --init_from=out/sft --mt_bench_file=mt_bench_ja.jsonl \\
@@ -223,7 +224,7 @@ def mt_bench_summary(questions, scores):
 
 
 # -----------------------------------------------------------------------------
-# arena: Bradley-Terry (TANUKI.md "Reference thresholds": Chatbot Arena fits it as a logistic regression without
+# arena: Bradley-Terry (docs/recipe.md "Reference thresholds": Chatbot Arena fits it as a logistic regression without
 # intercept and bootstraps the battles for intervals)
 
 

@@ -48,8 +48,9 @@ def chat_completion(messages, sampling, url, key, model_name, request_timeout, r
 
 
 # -----------------------------------------------------------------------------
-# an LLM judge: MT-Bench-style single-answer grading 1-10 (TANUKI.md "Evaluation", "Reference thresholds": the judge
-# answers "評価：[[N]]" and deducts for answering in the wrong language), for eval.py's MT-Bench and dpo.py's pairs.
+# an LLM judge: MT-Bench-style single-answer grading 1-10 (docs/recipe.md "Evaluation";
+# docs/recipe.md "Reference thresholds": the judge answers "評価：[[N]]" and deducts for answering in the wrong
+# language), for eval.py's MT-Bench and dpo.py's pairs.
 # The prompts are our own words.
 
 JUDGE_SYSTEM = {

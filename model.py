@@ -1,5 +1,5 @@
 """
-The Tanuki model: a Llama-style decoder (TANUKI.md "Models").
+The Tanuki model: a Llama-style decoder (docs/recipe.md "Models").
 
     token ids -> embedding -> n_layer x [RMSNorm -> grouped-query attention with RoPE -> +residual,
                                          RMSNorm -> SwiGLU FFN -> +residual] -> RMSNorm -> lm_head -> logits
@@ -24,8 +24,8 @@ from moe import ROUTER_MODES, MoE
 
 @dataclass
 class ModelConfig:
-    # defaults are Tanuki-8B's shape, a Llama-3-8B with a 65,536 vocab (TANUKI.md "Models")
-    vocab_size: int = 65536      # fits uint16 token shards; TANUKI.md: 65k pieces, ours is 2**16
+    # defaults are Tanuki-8B's shape, a Llama-3-8B with a 65,536 vocab (docs/recipe.md "Models")
+    vocab_size: int = 65536      # fits uint16 token shards; docs/recipe.md "Tokenizer": 65k pieces, ours is 2**16
     d_model: int = 4096
     n_layer: int = 32
     n_head: int = 32
@@ -229,13 +229,15 @@ class Transformer(nn.Module):
             if isinstance(m, MoE):
                 m.tokens_per_expert.zero_()
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, doc_ids=None):
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, doc_ids=None, per_row=False):
         """idx, targets: (B, T) token ids; targets == -1 are ignored. loss_mask: (B, T), 1 where the target
         counts (SFT trains only on assistant tokens). doc_ids: (B, T), for sequences packed from several documents
         (sft.py): each run of equal ids is a document of its own, with positions from 0 and attention only within
         itself, so it computes exactly what it would alone. Returns (logits, loss): logits (B, T, vocab), float32
         when a loss is computed. With a KV cache only the last position's logits are computed (B, 1, vocab).
-        When the fused loss kernel takes the loss (CUDA, kernels/), logits is None: call without targets for them."""
+        When the fused loss kernel takes the loss (CUDA, kernels/), logits is None: call without targets for them.
+        per_row: (None, loss (B,)), each row's summed cross-entropy over the tokens that count (DPO's sequence
+        log-probs, negated), computed chunk by chunk without the logits on every device; no router losses added."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg.max_seq_len:
@@ -262,6 +264,8 @@ class Transformer(nn.Module):
             return self.lm_head(x[:, -1:]), None
         # ---- at 8B and seq 4096 the float32 (B, T, 65536) logits are the largest activation of the whole model.
         # On CUDA the loss is taken chunk by chunk without them (kernels/cross_entropy.py): no logits come back
+        if per_row:
+            return None, kernels.linear_cross_entropy_per_row(x, self.lm_head.weight, targets, loss_mask)
         if targets is not None and kernels.use_triton(x):
             logits, loss = None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         else:
@@ -371,7 +375,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a frozen weight W plus a trainable
-# low-rank update, y = W x + (alpha / r) B A x. TANUKI.md "Post-training": LoRA instead of full fine-tuning to iterate
+# low-rank update, y = W x + (alpha / r) B A x. docs/recipe.md "SFT": LoRA instead of full fine-tuning to iterate
 # faster. Shared by sft.py and dpo.py, which also runs with the adapters off as its reference model.
 
 class LoRALinear(nn.Module):

@@ -1,6 +1,6 @@
 """
-The Mixture-of-Experts FFN of Tanuki-8x8B (TANUKI.md "Upcycling 8B to 8x8B"): 8 SwiGLU experts, each token sent
-to the top 2, their outputs summed with the router's gates. model.py uses `MoE` in place of `SwiGLU` when
+The Mixture-of-Experts FFN of Tanuki-8x8B (docs/recipe.md "Upcycling 8B to 8x8B"): 8 SwiGLU experts, each token
+sent to the top 2, their outputs summed with the router's gates. model.py uses `MoE` in place of `SwiGLU` when
 `n_experts > 0`.
 
     x (N tokens, d) -> router (float32) -> top-k experts + gates per token

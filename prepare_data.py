@@ -1,6 +1,7 @@
 """
-Stage 1: raw text -> clean, deduplicated, tokenized shards (TANUKI.md: "Web cleaning steps" remove ~90% of
-CommonCrawl; dirty Japanese web text fed late made Tanuki degenerate, so this stage decides what the model learns).
+Stage 1: raw text -> clean, deduplicated, tokenized shards. Web cleaning steps remove ~90% of CommonCrawl
+(docs/recipe.md "General guidance"); dirty Japanese web text fed late made Tanuki degenerate (docs/recipe.md "Data"),
+so this stage decides what the model learns.
 
     python prepare_data.py                                   # the built-in corpus (nothing downloaded), vocab 4096
     python prepare_data.py --input=data/fineweb,data/llmjp --out_dir=out/web --vocab_size=65536
@@ -43,7 +44,7 @@ input = ""                    # noqa: A001  comma-separated files/directories, o
 sources = {"en_docs": "builtin:stdlib_docs", "code": "builtin:stdlib_code", "ja_synthetic": "builtin:ja_templates"}
 out_dir = "out/data"
 tokenizer = ""                # a directory holding tokenizer.tiktoken: use it instead of training one
-vocab_size = 4096             # configs/tiny.py; Tanuki-8B: 65,536 (TANUKI.md, "Models")
+vocab_size = 4096             # configs/tiny.py; Tanuki-8B: 65,536 (docs/recipe.md "Tokenizer")
 tokenizer_sample_chars = 20_000_000  # the BPE sample, spread over the sources
 text_field = "text"           # the JSONL / parquet field holding the document
 max_line_bytes = 10_000_000   # a longer input line is bad input: reported, skipped

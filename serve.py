@@ -55,7 +55,7 @@ max_tokens_cap = 2048   # the most tokens one choice may generate, whatever a re
 max_n = 8               # the most choices one request may ask for
 max_batch_size = 32     # the most sequences (requests x n) generated together
 max_request_bytes = 1_000_000  # a larger body is refused before it is read
-# terminal chat; common chat sampling settings, not the recipe's (TANUKI.md gives none); temperature 0 is greedy
+# terminal chat; common chat sampling settings, not the recipe's (docs/recipe.md gives none); 0 is greedy
 system_prompt = ""      # the first message of every conversation when not empty
 max_new_tokens = 512
 temperature = 0.7

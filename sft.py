@@ -1,5 +1,5 @@
 """
-Stage 5: supervised fine-tuning on chat conversations (TANUKI.md "Post-training"), full or LoRA.
+Stage 5: supervised fine-tuning on chat conversations (docs/recipe.md "SFT"), full or LoRA.
 
     python sft.py configs/sft_tiny.py                                           # CPU, about a minute
     python sft.py configs/sft_tiny.py --lora_rank=0                             # full fine-tuning instead of LoRA
@@ -47,18 +47,19 @@ val_every = 20            # 5% held out
 resume = ""               # "auto": the newest checkpoint in out_dir/checkpoints, if any; or a checkpoint directory
 seed = 1337
 # sequences
-seq_len = 2048            # Tanuki's post-training max length (TANUKI.md: their DPO scripts, max length 2048)
+seq_len = 2048            # Tanuki's post-training max length (docs/recipe.md "DPO": max length 2048)
 packing = True            # several conversations per sequence (no attention between them), or one per row, padded
 too_long = "truncate"     # a conversation longer than seq_len: "truncate" (keep the first seq_len tokens) or "drop"
 # batch: rows (sequences) per optimizer step over all ranks; what one rank cannot hold comes from accumulation.
-# TANUKI.md gives no SFT batch or epoch count; for its "tens of thousands of examples" (a few hundred tokens each,
-# several per 2048-token row) 64 rows make a few hundred steps per epoch
+# the team's final SFT ran one epoch (docs/recipe.md "SFT"); for the write-ups' "tens of thousands of examples" (a
+# few hundred tokens each, several per 2048-token row) 64 rows make a few hundred steps per epoch
 batch_size = 64
 micro_batch_size = 4
 epochs = 2                # passes over the data; max_iters > 0 sets the number of steps instead
 max_iters = 0
-# LoRA (model.add_lora; Hu et al. 2021): TANUKI.md "Post-training", LoRA instead of full fine-tuning to iterate
-# faster. Rank 0: full fine-tuning. Rank and alpha are not in TANUKI.md; 16 and 2 x rank are common choices
+# LoRA (model.add_lora; Hu et al. 2021): docs/recipe.md "SFT", LoRA instead of full fine-tuning to iterate faster.
+# Rank 0: full fine-tuning. The team's LoRA templates use rank 128, alpha 256 for an 8B; 16 and 2 x rank are common
+# choices
 lora_rank = 16
 lora_alpha = 32.0         # the update is scaled by alpha / rank
 lora_dropout = 0.05       # QLoRA's value for models of this size (Dettmers et al. 2023)
@@ -313,7 +314,7 @@ while step < max_iters:
     loss_value, norm_value = loss_sum.item() / step_tokens, grad_norm.item()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
-    else:  # never apply a NaN/Inf update (TANUKI.md "What failed"); count it
+    else:  # never apply a NaN/Inf update (docs/recipe.md "What failed"); count it
         skipped += 1
         print0(f"step {step}: skipped (loss {loss_value}, grad norm {norm_value})")
     optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """
-Stage 4: synthetic data from a teacher (TANUKI.md "Synthetic data": 100-200B teacher-written tokens turned flat
+Stage 4: synthetic data from a teacher (docs/recipe.md "Data": 100-200B teacher-written tokens turned flat
 benchmark curves into a usable chat model). Three teachers, one output format:
 
     python synth.py                                          # offline: verifiable tasks, nothing needed (tiny run)
@@ -11,7 +11,8 @@ benchmark curves into a usable chat model). Three teachers, one output format:
 Sample i is always the same prompt (its random draws are seeded by (seed, i)), so a re-run skips the ids already
 written and continues where the last run stopped. Output, in out_dir:
     chat.jsonl       {"id", "messages": [{"role": "user", ...}, {"role": "assistant", ...}], "task", "lang",
-                      "teacher", "seed"} (+ "answer" for verifiable tasks): SFT data (DESIGN.md "Chat data")
+                      "teacher", "seed"} (+ "answer" for verifiable tasks): SFT data
+                     (docs/design.md "Chat data and DPO pairs")
     pretrain.jsonl   {"text": "user: ...\\nassistant: ..."}: the same conversations without masks, as Tanuki fed
                      instruction data into pretraining; a source for `prepare_data.py --input=`
     rejected.jsonl   samples the filters dropped, with the reason;   failures.jsonl   errors (retried on re-run)
@@ -33,7 +34,7 @@ import time
 import concurrent.futures
 
 import textfilters as tf
-from common import load_config
+from common import append_jsonl, load_config, read_jsonl
 from llm_api import chat_completion
 
 # -----------------------------------------------------------------------------
@@ -58,18 +59,18 @@ vllm_extras = True       # send vLLM's repetition_penalty (an OpenAI server reje
 init_from = ""
 device = "auto"
 batch_size = 8
-# sampling (common settings; TANUKI.md gives only the rewrite task's 0.1 / 1.2)
+# sampling (common settings; docs/recipe.md "Synthetic data" gives only the rewrite task's 0.1 / 1.2)
 temperature = 0.7
 top_p = 0.95
 max_tokens = 1024
 # filters
-min_ja_fraction = 0.3    # Japanese tasks: >= 30% of the letters in Japanese script (TANUKI.md, Tanuki's filter)
+min_ja_fraction = 0.3    # Japanese tasks: >= 30% of the letters in Japanese script (docs/recipe.md "Synthetic data")
 max_repetition = 0.5     # share of characters covered by repeated 10-grams (20 characters in Japanese): a loop
 near_dup = True          # MinHash/LSH near-duplicate filter for teacher tasks (FineWeb's 14 x 8 bands)
 if __name__ == "__main__":
     config = load_config(globals())  # only as a script: the tests import its functions
 # -----------------------------------------------------------------------------
-# data: the random draws behind the prompts (TANUKI.md: random roles/personas and keywords for coverage)
+# data: the random draws behind the prompts (docs/recipe.md "Synthetic data": random roles/personas and keywords)
 
 ROLES = {
     "ja": ["高校の数学教師", "小学校の先生", "料理研究家", "ソフトウェアエンジニア", "歴史学者", "旅行ガイド", "医師",
@@ -90,14 +91,14 @@ GENRES = {
     "en": ["explanation", "letter", "short story", "comparison", "how-to guide", "summary", "debate", "quiz",
            "advice", "plan"],
 }
-# TANUKI.md: "focus on what small models fail: coding, extraction, math, reasoning, strict output formats"
+# docs/recipe.md "Synthetic data": aim at what small models get wrong: code, extraction, math, reasoning, formats
 PROBLEM_AREAS = {
     "ja": ["割合と比", "連立方程式", "確率", "図形の面積", "Pythonの関数", "リストの並べ替え", "文字列処理",
            "論理パズル", "真偽の推論", "文章からの情報抽出"],
     "en": ["ratios", "simultaneous equations", "probability", "areas of shapes", "a Python function",
            "sorting a list", "string processing", "a logic puzzle", "truth-teller puzzles", "extracting facts from text"],
 }
-# TANUKI.md: multi-turn continuations with ~30 follow-up question styles
+# docs/recipe.md "Synthetic data": multi-turn continuations with ~30 follow-up question styles
 FOLLOWUPS = [
     ("前提を一つ変えると、結論はどう変わりますか。", "If one premise changed, how would the conclusion change?"),
     ("小学生にも分かるように言い換えてください。", "Explain it again so a ten-year-old understands."),
@@ -130,7 +131,7 @@ FOLLOWUPS = [
     ("反例はありますか。", "Is there a counterexample?"),
     ("最初の答えを改善してください。", "Improve your first answer."),
 ]
-REWRITE_STYLES = {  # TANUKI.md: Phi-3 rewrote web text as textbook, Q&A and dialogue
+REWRITE_STYLES = {  # docs/recipe.md "Synthetic data": Phi-3 rewrote web text as textbook, Q&A and dialogue
     "ja": ["教科書の一節", "質問と回答の組", "先生と生徒の対話"],
     "en": ["a textbook section", "questions and answers", "a teacher-student dialogue"],
 }
@@ -180,8 +181,8 @@ NUMBER_ONLY = {"ja": "数字のみで答えてください。", "en": "Answer wi
 OPTION_ONLY = {"ja": "番号のみで答えてください。", "en": "Answer with the option number only."}
 
 # -----------------------------------------------------------------------------
-# the offline generator: verifiable tasks with known answers, in the strict formats small models fail (TANUKI.md
-# "Evaluation": Jaster answers like "2. motherboard" where "2" was required scored zero)
+# the offline generator: verifiable tasks with known answers, in the strict formats small models fail
+# (docs/recipe.md "Evaluation": Jaster answers like "2. motherboard" where "2" was required scored zero)
 
 
 def _date_ja(d):
@@ -286,9 +287,10 @@ def offline_tasks(n, seed=0, kinds=OFFLINE_KINDS):
 
 
 def load_passages(path="", limit=500, min_chars=200, max_chars=2000):
-    """Passages for grounded questions, rewriting and translation (TANUKI.md: Wikipedia passages seed questions).
-    A .jsonl gives its "text" fields, any other file its blank-line-separated paragraphs; without a path, the
-    module docstrings of the standard library, so nothing is downloaded. Fixed order: sample i draws the same one."""
+    """Passages for grounded questions, rewriting and translation (docs/recipe.md "Synthetic data": Wikipedia
+    passages seed questions). A .jsonl gives its "text" fields, any other file its blank-line-separated paragraphs;
+    without a path, the module docstrings of the standard library, so nothing is downloaded. Fixed order: sample i
+    draws the same one."""
     texts = []
     if path:
         with open(path, encoding="utf-8") as f:
@@ -336,7 +338,8 @@ def teacher_task(rng, kind, lang, pool):
     if kind == "multiturn":
         turns.append(rng.choice(FOLLOWUPS)[LANGS.index(lang)])
     sampling = {"temperature": temperature, "top_p": top_p}
-    if kind == "rewrite":  # Tanuki's rewriting scripts: temperature 0.1, repetition penalty 1.2 (TANUKI.md)
+    # Tanuki's rewriting scripts: temperature 0.1, repetition penalty 1.2 (docs/recipe.md "Synthetic data")
+    if kind == "rewrite":
         sampling = {"temperature": 0.1, "top_p": top_p, **({"repetition_penalty": 1.2} if vllm_extras else {})}
     return {"turns": turns, "kind": kind, "lang": lang, "sampling": sampling, "layout": layout}
 
@@ -460,8 +463,9 @@ def split_layout(reply, lang):
 
 def reject_reason(task, messages, finish):
     """Why a generated conversation should not be written (None: keep). The checks of Tanuki's generation scripts
-    (TANUKI.md): empty or cut-off answers, the wrong language (>= 30% Japanese script for Japanese tasks), character
-    repetition loops, refusals; and for verifiable tasks answered by a model, a wrong answer."""
+    (docs/recipe.md "Synthetic data"): empty or cut-off answers, the wrong language (>= 30% Japanese script for
+    Japanese tasks), character repetition loops, refusals; and for verifiable tasks answered by a model, a wrong
+    answer."""
     if finish == "length":
         return "truncated"
     for m in messages[1::2]:
@@ -512,20 +516,6 @@ class Dedup:
         return None
 
 
-def read_jsonl(path):
-    """The complete records of a JSONL file. A last line cut off by a kill is cut from the file too, so that the
-    next append starts on a fresh line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
-
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     from tqdm import tqdm
@@ -547,7 +537,6 @@ if __name__ == "__main__":
     # resume: ids already written (kept or rejected) are done; failures are retried. The dedup index is rebuilt
     # from what was kept, so a duplicate of a sample written before a kill is still caught after it.
     kept, rejected = read_jsonl(paths["chat"]), read_jsonl(paths["rejected"])
-    read_jsonl(paths["failures"])  # only to cut a line a kill left half-written
     done = {r["id"] for r in kept} | {r["id"] for r in rejected}
     dedup = Dedup()
     for r in kept:
@@ -562,10 +551,10 @@ if __name__ == "__main__":
             except ValueError as e:
                 build_errors.append((i, e))
     results = {"offline": offline_results, "openai": openai_results, "local": local_results}[backend](todo)
-    files = {k: open(p, "a", encoding="utf-8") for k, p in paths.items()}
+    files = {k: append_jsonl(p) for k, p in paths.items()}  # a line a kill left half-written is cut first
 
     def write(kind, record):
-        # one line per sample, flushed: a kill loses at most the line being written, which read_jsonl cuts
+        # one line per sample, flushed: a kill loses at most the line being written
         files[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
         files[kind].flush()
 

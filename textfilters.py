@@ -1,6 +1,6 @@
 """
 Text cleaning, quality filters and MinHash dedup: the functions prepare_data.py runs per document, kept apart
-because synth.py filters generated text with the same code (DESIGN.md, "Layout").
+because synth.py filters generated text with the same code (docs/design.md "Layout").
 
     normalize(text)                               # NFKC, control characters out, ．，-> 。、 (Swallow)
     clean_lines(text, repeated=None)              # -> (text, lines dropped): boilerplate, ads, navigation
@@ -44,7 +44,7 @@ BOILERPLATE_EN = [
 ]
 BOILERPLATE = [p.lower() for p in BOILERPLATE_JA + BOILERPLATE_EN]
 
-# Thresholds, each from a public pipeline (TANUKI.md, "Reference thresholds"); prepare_data.py's `thresholds`
+# Thresholds, each from a public pipeline (docs/recipe.md "Reference thresholds"); prepare_data.py's `thresholds`
 # setting overrides any of them by name.
 THRESHOLDS = {
     "max_chars": 1_000_000,            # longer documents are dumps or logs, not prose
@@ -515,7 +515,7 @@ def kmeans(X, k=8, iters=20, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# knowledge-frequency probe (TANUKI.md, "Evaluation": a character's hobby appeared in 14-151 documents, most of
+# knowledge-frequency probe (docs/recipe.md "Evaluation": a character's hobby appeared in 14-151 documents, most of
 # them copies of one text, which explained the model's hallucinations about it)
 
 def terms_cooccur(text, terms, window=200):
@@ -544,8 +544,8 @@ def knowledge_frequency(texts, terms, window=200, bands=14, rows=8):
 
 def verify_answer(answer, reply, strict=True):
     """Is `reply` the right `answer`? strict: exactly the answer, surrounding whitespace aside ("2", not "2." nor
-    "2. マザーボード" nor "答えは2です"), as llm-jp-eval's exact match (TANUKI.md "Evaluation": most open models scored
-    near zero on Jaster for answering "2. motherboard"). Lenient: the answer appears as a token of the
+    "2. マザーボード" nor "答えは2です"), as llm-jp-eval's exact match (docs/recipe.md "Evaluation": most open models
+    scored near zero on Jaster for answering "2. motherboard"). Lenient: the answer appears as a token of the
     NFKC-normalized reply (not inside a longer number): knowledge apart from format."""
     if strict:
         return reply.strip() == answer
@@ -565,7 +565,7 @@ def verifier_score(answer, reply):
     """The offline judge's grade of a reply to a task with a known answer, correctness first, then format:
     3 right in exactly the asked format, 2 right in another ("答えは13です"), 1 wrong but in the answer's form (a bare
     number for a number), 0 neither. Format counts even when wrong: a model that learns the form keeps it on the
-    questions it cannot answer (TANUKI.md "Evaluation": Jaster scores only exact answers)."""
+    questions it cannot answer (docs/recipe.md "Evaluation": Jaster scores only exact answers)."""
     if verify_answer(answer, reply):
         return 3
     if verify_answer(answer, reply, strict=False):

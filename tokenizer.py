@@ -1,13 +1,13 @@
 """
 The nanotanuki tokenizer: byte-level BPE trained with rustbpe, run with tiktoken, exportable to Hugging Face.
 
-Tanuki-8B used a 65,000-piece SentencePiece unigram model over MeCab-pre-split Japanese (TANUKI.md, "From the
-team's released training scripts"). We keep the two ideas that matter on the project's stack:
+Tanuki-8B used a 65,000-piece SentencePiece unigram model over MeCab-pre-split Japanese
+(docs/recipe.md "Tokenizer"). We keep the two ideas that matter on the project's stack:
 - SPLIT_PATTERN cuts Japanese wherever the script changes (kanji | hiragana | katakana), a cheap stand-in for
   MeCab's word segmentation, so no BPE token can span two scripts. The team reported that without MeCab
   Japanese compression went above 2 characters per token, which learned worse; with it they measured
-  1.56 characters per token on Japanese and 3.72 on English Wikipedia (TANUKI.md, "Models").
-- 65,536 ids in total, special tokens included, so token ids fit in uint16 data shards (TANUKI.md, "Models").
+  1.56 characters per token on Japanese and 3.72 on English Wikipedia (docs/recipe.md "Tokenizer").
+- 65,536 ids in total, special tokens included, so token ids fit in uint16 data shards (docs/recipe.md "Tokenizer").
 
 Contract (other modules rely on exactly these names):
     enc = train_tokenizer(texts, vocab_size)            # a tiktoken.Encoding with enc.n_vocab == vocab_size
@@ -151,7 +151,8 @@ def render_chat(enc, messages, add_generation_prompt=False):
     """
     The chat template: <|bos|> then <|role|> content <|end|> per message. Returns (ids, loss_mask) where the mask is 1
     exactly on the assistant's content and its <|end|> (the model must learn to stop), 0 elsewhere. With
-    add_generation_prompt, ends with <|assistant|> for the model to continue from.
+    add_generation_prompt, ends with <|assistant|> for the model to continue from. Content is text, never control
+    tokens: a message that spells "<|end|>" gets the ids of those seven characters (CHAT_TEMPLATE does the same).
     """
     ids, mask = [], []
     def add(tokens, m):
@@ -166,19 +167,30 @@ def render_chat(enc, messages, add_generation_prompt=False):
             raise ValueError(f"message {i} ({role}): content must be a str, got {type(content).__name__}")
         train = int(role == "assistant")
         add([special_id(enc, f"<|{role}|>")], 0)
-        add(enc.encode_ordinary(content), train)
+        add(enc.encode_ordinary(content.replace(UNSPECIAL, "<|")), train)
         add([special_id(enc, "<|end|>")], train)
     if add_generation_prompt:
         add([special_id(enc, "<|assistant|>")], 0)
     return ids, mask
 
 
-# The same layout as render_chat, for transformers' apply_chat_template (and so vLLM).
+# The same layout as render_chat, for transformers' apply_chat_template (and so vLLM, TRL). A template renders a
+# string that is then tokenized, and the tokenizer turns every "<|end|>" it finds into the control token: a user
+# could end their turn and write a system turn. So the template writes each "<|" of the content as "<", U+FDD0, "|",
+# which no special token matches, and the exported tokenizer's normalizer (save_hf_tokenizer), which runs after
+# the special tokens are found, turns it back into "<|": the content is tokenized as the plain text it is, the ids
+# render_chat gives. U+FDD0 is a Unicode noncharacter, never in interchange text; render_chat maps the same
+# three characters to "<|" so the two agree on any input. {% generation %} marks what render_chat's loss mask
+# marks (the assistant's content and its <|end|>), for return_assistant_tokens_mask (TRL's assistant_only_loss).
+UNSPECIAL = "<\ufdd0|"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('role must be system, user or assistant, got ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% set content = message['content'] | replace('<|', '" + UNSPECIAL + "') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ content + '<|end|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
@@ -207,7 +219,7 @@ def _merge_pair(ranks, token):
 
 def save_hf_tokenizer(enc, directory, model_max_length=4096):
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers.AutoTokenizer."""
-    # model_max_length: Tanuki's 4k context (TANUKI.md, "Models")
+    # model_max_length: Tanuki's 4k context (docs/recipe.md "Models")
     os.makedirs(directory, exist_ok=True)
     byte_char = _bytes_to_unicode()
     def hf(token):  # token bytes -> HF vocab string
@@ -219,7 +231,8 @@ def save_hf_tokenizer(enc, directory, model_max_length=4096):
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for tok, i in enc._special_tokens.items()],
-        "normalizer": None,
+        # CHAT_TEMPLATE's escaped "<|" back to plain text, after the special tokens have been matched
+        "normalizer": {"type": "Replace", "pattern": {"String": UNSPECIAL}, "content": "<|"},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},

@@ -1,5 +1,5 @@
 """
-Stage 2: pretraining (TANUKI.md "Pretraining"), from a 2-layer model on a laptop CPU to Tanuki-8B on 16 nodes.
+Stage 2: pretraining (docs/recipe.md "Pretraining"), from a 2-layer model on a laptop CPU to Tanuki-8B on 16 nodes.
 
     python train.py configs/tiny.py --data_dir=out/data                     # CPU, a few minutes
     torchrun --standalone --nproc_per_node=8 train.py configs/8b.py         # one node of 8 GPUs
@@ -12,7 +12,7 @@ Stage 2: pretraining (TANUKI.md "Pretraining"), from a 2-layer model on a laptop
 Every rank holds a shard of the weights (FSDP2, common.shard_model); a plain `python train.py` is a world of one
 that runs the same code. The data is a deterministic function of (seed, loader position), so a checkpoint of
 the position resumes exactly, on any number of ranks. Tanuki's runs were hurt by NaN gradients, loss spikes,
-checkpoint timeouts, a loader that ran out, broken shards and one slow node (TANUKI.md "What failed"); each has
+checkpoint timeouts, a loader that ran out, broken shards and one slow node (docs/recipe.md "What failed"); each has
 its answer below. Writes to out_dir: metrics.jsonl (one JSON object per logged step), checkpoints/step_*/ (sharded
 training state) and model/ (config.json + model.safetensors + tokenizer: what upcycle.py, sft.py, eval.py load).
 """
@@ -59,7 +59,7 @@ init_from = ""            # a checkpoint directory (checkpoint.save_checkpoint) 
 resume = ""               # "auto": the newest checkpoint in out_dir/checkpoints, if any; or a checkpoint directory
 # data: a mixture of sources by weight; {} is every source in data_dir in proportion to its tokens. A curriculum
 # is a list of (start token count, mixture) switched as the tokens go by: Tanuki fed English+code first, then
-# Japanese, and only synthetic data at the very end (TANUKI.md "Pretraining").
+# Japanese, and only synthetic data at the very end (docs/recipe.md "Data").
 mixture = {}
 curriculum = []
 seed = 1337
@@ -69,8 +69,8 @@ globals().update(asdict(ModelConfig()))
 seq_len = 4096
 tokens_per_step = 1024 * 4096
 micro_batch_size = 1
-max_iters = 300_000       # ~1.3T tokens at 4M per step: Tanuki-8B's total (TANUKI.md "Models")
-# optimizer: AdamW and the schedule of Tanuki's Megatron scripts ("From the team's released training scripts")
+max_iters = 300_000       # ~1.3T tokens at 4M per step: Tanuki-8B's total (docs/recipe.md "Models")
+# optimizer: AdamW and the schedule of Tanuki's Megatron scripts (docs/recipe.md "Released training scripts")
 learning_rate = 1.5e-4    # 3e-4 spiked in their LR stress test; 1.5e-4 was used ("Pretraining")
 min_lr = 1.5e-6
 warmup_iters = 1000
@@ -81,7 +81,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 0.8
 z_loss = 0.0              # coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4); optional in their scripts
-# stability (TANUKI.md "What failed"): a NaN/Inf loss or grad norm is never applied; a spike against the recent
+# stability (docs/recipe.md "What failed"): a NaN/Inf loss or grad norm is never applied; a spike against the recent
 # window is skipped; repeated spikes roll back to the last checkpoint before them, past the offending data
 spike_window = 100        # steps of accepted losses / grad norms a new one is compared with
 spike_zscore = 6.0        # loss > mean + 6 std of the window: a spike

@@ -1,5 +1,5 @@
 """
-Stage 3: grow the dense model into a Mixture of Experts (TANUKI.md "Upcycling 8B to 8x8B").
+Stage 3: grow the dense model into a Mixture of Experts (docs/recipe.md "Upcycling 8B to 8x8B").
 
     python upcycle.py --init_from=out/train/model --out_dir=out/upcycle                     # tiny: 8 experts, top-2
     python upcycle.py --init_from=ckpt/8b --out_dir=ckpt/8x8b --n_experts=8 --moe_top_k=2 --noise_ratio=0.001
@@ -32,7 +32,7 @@ from tokenizer import load_tokenizer
 init_from = "out/train/model"  # a dense checkpoint directory (config.json + model.safetensors + tokenizer)
 out_dir = "out/upcycle"
 n_experts = 8                # Tanuki-8x8B: 8 experts ...
-moe_top_k = 2                # ... 2 active per token: 47B total, 13B active (TANUKI.md "Models")
+moe_top_k = 2                # ... 2 active per token: 47B total, 13B active (docs/recipe.md "Models")
 moe_layer_interval = 1       # every layer's FFN becomes an MoE (2: every second layer, as some GShard models)
 moe_router = "topk_softmax"  # see moe.py; Mixtral's mode, which the Hugging Face export can express
 moe_aux_loss_coef = 0.01     # Switch Transformer's alpha; Tanuki logged the balance loss at ~1.0 (balanced)

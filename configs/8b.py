@@ -1,5 +1,5 @@
 # Tanuki-8B: a Llama-3-8B shape with a 65,536 vocab, untied embeddings: 7.52B parameters
-# (TANUKI.md "Models" and "From the team's released training scripts").
+# (docs/recipe.md "Models" and docs/recipe.md "Released training scripts").
 #   torchrun --nnodes=16 --nproc_per_node=8 ... train.py configs/8b.py
 # model
 vocab_size = 65536       # 2**16: token ids fit uint16 shards

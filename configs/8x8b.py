@@ -1,5 +1,5 @@
 # Tanuki-8x8B, on top of configs/8b.py: every FFN becomes 8 SwiGLU experts of 14336, top-2: 46.98B parameters,
-# 13.15B active (TANUKI.md "Models"). Continued training of the upcycled 8B:
+# 13.15B active (docs/recipe.md "Models"). Continued training of the upcycled 8B:
 #   python upcycle.py --init_from=/ckpt/8b/model --out_dir=/ckpt/8x8b_init
 #   torchrun --nnodes=16 --nproc_per_node=8 ... train.py configs/8b.py configs/8x8b.py --init_from=/ckpt/8x8b_init
 # With init_from the model's shape comes from the checkpoint (upcycle.py wrote these same values into it); they
@@ -10,7 +10,7 @@ moe_layer_interval = 1
 moe_router = "topk_softmax"  # the gates sum to 1, so the upcycled MoE starts as the dense function
 moe_aux_loss_coef = 0.01     # Switch Transformer's alpha; Tanuki's balance loss stayed ~1.0 (balanced)
 moe_z_loss_coef = 0.0        # Tanuki: no router z-loss (with the normalization it made the grad norm erratic)
-# optimization: the MoE continued-training values (TANUKI.md "Pretraining")
+# optimization: the MoE continued-training values (docs/recipe.md "Upcycling 8B to 8x8B")
 learning_rate = 5e-5
 min_lr = 5e-6
 warmup_iters = 500

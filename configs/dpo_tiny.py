@@ -3,7 +3,7 @@
 init_from = "out/sft/model"
 prompts = "out/synth/chat.jsonl"   # the SFT prompts again: Tanuki sampled DPO answers for in-domain prompts
 out_dir = "out/dpo"
-samples_per_prompt = 4             # TANUKI.md: 4 answers per prompt at temperature 1.0
+samples_per_prompt = 4             # docs/recipe.md "DPO": 4 answers per prompt at temperature 1.0
 max_new_tokens = 16                # the answers are a number, a label or a day name
 sample_batch_size = 160
 seq_len = 256                      # the tiny model's max_seq_len

@@ -5,7 +5,8 @@
 n_experts = 8
 moe_top_k = 2
 moe_router = "topk_softmax"
-# continued training at a third of the dense peak LR, as Tanuki's 5e-5 after the 8B's 1.5e-4 (TANUKI.md)
+# continued training at a third of the dense peak LR, as Tanuki's 5e-5 after the 8B's 1.5e-4
+# (docs/recipe.md "Upcycling 8B to 8x8B")
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 10

@@ -1,5 +1,6 @@
 """
-Triton kernels, each beside the plain-PyTorch reference of the same function (DESIGN.md "Running without a GPU"):
+Triton kernels, each beside the plain-PyTorch reference of the same function
+(docs/design.md "Running without a GPU"):
 
     attention.py      flash attention, forward + backward, causal, grouped-query
     rmsnorm.py        fused RMSNorm, forward + backward
@@ -171,6 +172,62 @@ def linear_cross_entropy(x, weight, targets, loss_mask=None, chunk=None):
     # the op's forward runs under no autograd, so whether gradients are wanted is decided out here
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _linear_cross_entropy(x, weight, targets, weights, chunk or CHUNK, needs_grad)[0]
+
+
+# Per-token losses for per-row sums (DPO): the backward makes each chunk's logits again (cross_entropy.py)
+
+@torch.library.custom_op("nanotanuki::linear_cross_entropy_rows", mutates_args=())
+def _linear_cross_entropy_rows(x: Tensor, weight: Tensor, targets: Tensor, chunk: int, use_kernel: bool) -> Tensor:
+    from kernels.cross_entropy import rows_forward
+    return rows_forward(x, weight, targets, chunk, use_kernel)
+
+
+@_linear_cross_entropy_rows.register_fake
+def _(x, weight, targets, chunk, use_kernel):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("nanotanuki::linear_cross_entropy_rows_backward", mutates_args=())
+def _linear_cross_entropy_rows_backward(x: Tensor, weight: Tensor, targets: Tensor, grad: Tensor, chunk: int,
+                                        use_kernel: bool) -> tuple[Tensor, Tensor]:
+    from kernels.cross_entropy import rows_backward
+    return rows_backward(x, weight, targets, grad, chunk, use_kernel)
+
+
+@_linear_cross_entropy_rows_backward.register_fake
+def _(x, weight, targets, grad, chunk, use_kernel):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _linear_cross_entropy_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+    ctx.chunk, ctx.use_kernel = inputs[3], inputs[4]
+
+
+def _linear_cross_entropy_rows_grad(ctx, grad):
+    x, weight, targets = ctx.saved_tensors
+    dx, dw = _linear_cross_entropy_rows_backward(x, weight, targets, grad, ctx.chunk, ctx.use_kernel)
+    return dx, dw, None, None, None
+
+
+_linear_cross_entropy_rows.register_autograd(_linear_cross_entropy_rows_grad,
+                                             setup_context=_linear_cross_entropy_rows_setup)
+
+
+def linear_cross_entropy_per_row(x, weight, targets, loss_mask=None, chunk=None):
+    """x: (B, T, d_model), weight: (vocab, d_model), targets: (B, T) with -1 ignored, loss_mask: (B, T) or None.
+    Returns each row's summed loss over the tokens that count (B,), float32, as from full logits, without them: only
+    the counted tokens go through the lm_head, `chunk` at a time (on CPU 2^24 logits a chunk: 256 tokens at a
+    65,536 vocab, 64 MiB)."""
+    from kernels.cross_entropy import CHUNK, token_weights
+    B = targets.shape[0]
+    counted = token_weights(targets, loss_mask).reshape(-1) > 0
+    rows = torch.arange(B, device=x.device).repeat_interleave(targets.shape[1])[counted]
+    use_kernel = use_triton(x)
+    chunk = chunk or (CHUNK if use_kernel else max(1, 2**24 // weight.shape[0]))
+    losses = _linear_cross_entropy_rows(x.reshape(-1, x.shape[-1])[counted], weight, targets.reshape(-1)[counted],
+                                        chunk, use_kernel)
+    return torch.zeros(B, device=x.device, dtype=torch.float32).index_add(0, rows, losses)
 
 
 # -----------------------------------------------------------------------------

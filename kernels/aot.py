@@ -1,5 +1,5 @@
 """
-Ahead-of-time compilation of every kernel for H100 (sm_90), with no GPU (DESIGN.md "Running without a GPU").
+Ahead-of-time compilation of every kernel for H100 (sm_90), with no GPU (docs/design.md "Running without a GPU").
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs Triton's whole pipeline for Hopper on any
 machine: Triton IR -> GPU IR -> LLVM -> PTX -> cubin (through the ptxas bundled in triton's nvidia backend). The

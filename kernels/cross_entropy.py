@@ -97,6 +97,52 @@ def forward(x, weight, targets, weights, chunk, needs_grad):
     return (losses * weights).sum() * inv_total, dx, dw
 
 
+# -----------------------------------------------------------------------------
+# Per-token losses (DPO's per-sequence log-probs). The incoming gradient differs token by token, so the gradient
+# cannot be made in the forward as above (it is not known yet): the forward keeps no logits, and the backward makes
+# each chunk's logits again and lets the same row kernel turn them into their gradient, with the incoming gradient as
+# the per-token weight and 1 as the normalizer. One more (chunk, vocab) product than an unfused backward, the price
+# activation checkpointing pays; on CPU the same chunks run in PyTorch.
+
+
+def rows_forward(x, weight, targets, chunk, use_kernel):
+    """x (N, d), weight (vocab, d), targets (N,) all valid -> each token's loss -log p(target), float32 (N,)."""
+    losses = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    block = min(BLOCK_V, triton.next_power_of_2(weight.shape[0]))
+    for start in range(0, x.shape[0], chunk):
+        logits = x[start : start + chunk] @ weight.T  # (chunk, vocab)
+        t = targets[start : start + chunk]
+        if use_kernel:  # weights and normalizer are read only for the gradient: ones
+            ones = torch.ones(logits.shape[0], device=x.device, dtype=torch.float32)
+            _ce_rows[(logits.shape[0],)](logits, t, ones, losses[start : start + chunk], ones, logits.stride(0),
+                                         logits.shape[1], COMPUTE_GRAD=False, BLOCK=block, num_warps=NUM_WARPS)
+        else:
+            logits = logits.float()
+            losses[start : start + chunk] = logits.logsumexp(-1) - logits.gather(1, t[:, None]).squeeze(1)
+    return losses
+
+
+def rows_backward(x, weight, targets, grad, chunk, use_kernel):
+    """The gradients (dx, dW) of sum_i grad_i * loss_i, the chunks' logits made again one chunk at a time."""
+    dx, dw = torch.empty_like(x), torch.zeros_like(weight)
+    grad = grad.float().contiguous()
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+    block = min(BLOCK_V, triton.next_power_of_2(weight.shape[0]))
+    for start in range(0, x.shape[0], chunk):
+        x_c, t, g = x[start : start + chunk], targets[start : start + chunk], grad[start : start + chunk]
+        logits = x_c @ weight.T
+        if use_kernel:  # in place: (softmax - onehot) * grad_i, the row kernel with grad as the weight
+            _ce_rows[(logits.shape[0],)](logits, t, g, g.new_empty(logits.shape[0]), one, logits.stride(0),
+                                         logits.shape[1], COMPUTE_GRAD=True, BLOCK=block, num_warps=NUM_WARPS)
+        else:
+            probs = logits.float().softmax(-1)
+            probs[torch.arange(len(t), device=x.device), t] -= 1
+            logits = (probs * g[:, None]).to(x.dtype)
+        torch.mm(logits, weight, out=dx[start : start + chunk])
+        dw.addmm_(logits.T, x_c)
+    return dx, dw
+
+
 def linear_cross_entropy(x, weight, targets, loss_mask=None, chunk=CHUNK):
     """x: (..., d_model), weight: (vocab, d_model), targets: (...) with -1 ignored, loss_mask: (...) or None.
     Returns the mean loss over the tokens that count, as model.py's forward computes it from full logits;
@@ -112,6 +158,15 @@ def reference(x, weight, targets, loss_mask=None):
                                              reduction="none")
     weights = token_weights(targets.reshape(-1), None if loss_mask is None else loss_mask.reshape(-1))
     return (loss * weights).sum() / weights.sum().clamp(min=1)
+
+
+def reference_per_row(x, weight, targets, loss_mask=None):
+    """Each row's summed loss (B,) from full float32 logits: what linear_cross_entropy_per_row computes."""
+    logits = (x @ weight.T).float()
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                             reduction="none").view(targets.shape)
+    weights = token_weights(targets, loss_mask)
+    return (loss * weights).sum(dim=-1)
 
 
 def aot_specs():

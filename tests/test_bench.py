@@ -39,7 +39,7 @@ def test_the_planner_counts_what_model_py_counts_and_prints_tanukis_figures():
         counts = re.search(r"([\d,]+) parameters \(([\d.]+)B\), ([\d,]+) active per token \(([\d.]+)B\)", out)
         assert int(counts[1].replace(",", "")) == model.num_params()
         assert int(counts[3].replace(",", "")) == model.num_params(active=True)
-        assert (counts[2], counts[4]) == (total, active)  # TANUKI.md "Models": 7.52B; 46.98B, 13.15B active
+        assert (counts[2], counts[4]) == (total, active)  # docs/recipe.md "Models": 7.52B; 46.98B, 13.15B active
         assert "8B ~60B, 8x8B ~30B tokens/day on 128 H100" in out
         assert "Chinchilla-optimal: 20 tokens/parameter" in out and "tokens/day" in out and "days" in out
         # Tanuki's own throughput at our FLOPs per token: about the quarter of the peak their log shows

@@ -27,7 +27,7 @@ import textfilters as tf  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer, add_lora, lora_disabled  # noqa: E402
 from synth import offline_tasks  # noqa: E402
-from tokenizer import render_chat  # noqa: E402
+from tokenizer import render_chat, special_id  # noqa: E402
 
 DPO = os.path.join(ROOT, "dpo.py")
 SFT = os.path.join(ROOT, "sft.py")
@@ -109,6 +109,85 @@ def test_response_logprobs_and_the_reference_with_adapters_off(enc):
     assert (adapted - precomputed).abs().max() > 1e-2
 
 
+def test_only_the_sampled_answer_counts_in_a_multi_turn_prompt(enc):
+    """A prompt with a system turn and an earlier assistant turn: the response is the sampled answer and its <|end|>
+    alone (render_chat's mask marks every assistant turn: it would count the teacher's earlier answer too, moving the
+    DPO-Positive term and the logged rewards, and pushing that turn up)."""
+    prompt = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2 + 2?"},
+              {"role": "assistant", "content": "4, since two and two make four."},
+              {"role": "user", "content": "And 3 + 3?"}]
+    answer = "6."
+    inputs, targets = dpo.answer_rows(enc, prompt, answer)
+    ids = render_chat(enc, prompt + [{"role": "assistant", "content": answer}])[0]
+    assert inputs == ids[:-1] and len(targets) == len(inputs)
+    response = enc.encode_ordinary(answer) + [special_id(enc, "<|end|>")]
+    counted = [i for i, t in enumerate(targets) if t != -1]
+    assert [targets[i] for i in counted] == response and counted == list(range(len(ids) - 1 - len(response),
+                                                                                len(ids) - 1))
+
+
+def test_sequence_logprobs_never_hold_the_whole_logits():
+    """DPO's per-sequence log-probs of a (4, 512) batch at Tanuki's vocab of 65,536: no tensor of the forward or the
+    backward is as large as the (4, 512, 65,536) logits (the per-row sums go chunk by chunk), and the sums equal
+    those from full logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):  # the largest tensor any op makes, by number of elements
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    B, T, V = 4, 512, 65536
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, d_model=16, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=32,
+                                    max_seq_len=T))
+    ids = torch.randint(0, V, (B, T + 1))
+    rows = [(ids[r, :T].tolist(), [-1] * 100 + ids[r, 101:].tolist()) for r in range(B)]  # the last 412 count
+    with Largest():
+        logps = dpo.response_logprobs(model, rows, pad_id=0)
+        logps.sum().backward()
+    assert 0 < Largest.largest < B * T * V
+    with torch.no_grad():
+        logits = model(ids[:, :T])[0].double()
+        want = torch.stack([logits[r].log_softmax(-1)[torch.arange(100, T), ids[r, 101:]].sum() for r in range(B)])
+    assert torch.allclose(logps.detach().double(), want, rtol=1e-5)
+
+
+def test_a_cut_answer_is_never_chosen(tmp_path):
+    """An answer cut at max_new_tokens ranks below every finished one: training appends <|end|> to a chosen answer,
+    and a cut one would teach stopping mid-answer. It may be rejected; a prompt with no finished answer is dropped;
+    both are counted."""
+    user = [{"role": "user", "content": "6 + 7 = ? 数字のみで答えてください。"}]
+    base = {"messages": user, "answer": "13", "lang": "ja", "held_out": False, "eval": False, "greedy": None}
+    records = [{**base, "id": 0, "samples": ["13", "答えは13です。", "7", "13"], "finished": [False, True, True, False]},
+               {**base, "id": 1, "samples": ["13", "7"], "finished": [False, False]},
+               {**base, "id": 2, "samples": ["13", "7"], "finished": [True, True]}]
+    (tmp_path / "samples_0.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    dpo.judge_step(str(tmp_path))
+    pairs = {p["id"]: p for p in read_jsonl(tmp_path / "pairs.jsonl")}
+    assert sorted(pairs) == [0, 2]
+    assert (pairs[0]["chosen"], pairs[0]["rejected"], pairs[0]["rejected_finished"]) == ("答えは13です。", "13", False)
+    assert (pairs[2]["chosen"], pairs[2]["rejected"]) == ("13", "7")
+    stats = json.load(open(tmp_path / "judge.json"))
+    assert (stats["cut_answers"], stats["none_finished_dropped"], stats["cut_rejected"]) == (4, 1, 1)
+
+
+def test_local_sampling_flags_answers_cut_at_max_new_tokens(monkeypatch, enc):
+    """generate leaves the stop token out: an answer of max_new_tokens tokens never stopped."""
+    class Model:
+        def generate(self, ids, max_new, **_):
+            return [[5, 6, 7], [5, 6], []][: len(ids)]
+    monkeypatch.setattr(dpo, "max_new_tokens", 3, raising=False)
+    monkeypatch.setattr(dpo, "top_p", 1.0, raising=False)
+    conversations = [[{"role": "user", "content": "hi"}]] * 3
+    assert dpo.local_generate(Model(), enc, conversations, 1.0, 0)[1] == [False, True, True]
+
+
 # -----------------------------------------------------------------------------
 # sampling and judging through a real server
 
@@ -184,6 +263,8 @@ def test_sampling_and_judging_through_serve(tmp_path, enc):
         assert sorted(r["id"] for r in samples) == list(range(8))
         # 8 prompts x 2 samples, plus one greedy answer for each of the 2 evaluated (held-out) prompts
         assert all(len(r["samples"]) == 2 for r in samples) and sum(r["greedy"] is not None for r in samples) == 1
+        # finish_reason "length" from the server: a random model's 6-token answers are cut (never chosen)
+        assert all(len(r["finished"]) == 2 for r in samples) and not all(f for r in samples for f in r["finished"])
         n_sampled = 8 * 2 + 1
         judged = json.load(open(tmp_path / "a" / "round_0" / "judge.json"))
         assert judged["unparsable"] == 8 * 2 and judged["pairs"] == 0 and judged["held_out_pairs"] == 0
@@ -195,9 +276,14 @@ def test_sampling_and_judging_through_serve(tmp_path, enc):
             "--judge_model=policy", "--judge_retries=1")
         assert policy.count[0] == n_sampled + 8 * 2 * 2
 
-        # a judge that answers on its retry: the ratings are parsed, and chosen is the better-rated answer
+        # a judge that answers on its retry: the ratings are parsed, and chosen is the better-rated answer (the
+        # samples of run a, as if every answer had finished: a random model's are cut, and a cut one is never chosen)
         judge_url = f"http://127.0.0.1:{judge.server_address[1]}/v1"
-        run(DPO, *common, f"--out_dir={tmp_path / 'b'}", f"--judge_base_url={judge_url}", "--judge_model=fixed")
+        (tmp_path / "b" / "round_0").mkdir(parents=True)
+        with open(tmp_path / "b" / "round_0" / "samples_0.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({**r, "finished": [True, True]}, ensure_ascii=False) + "\n" for r in samples)
+        run(DPO, *common[:-1], "--steps=['judge']", f"--out_dir={tmp_path / 'b'}", f"--judge_base_url={judge_url}",
+            "--judge_model=fixed")
         judged = json.load(open(tmp_path / "b" / "round_0" / "judge.json"))
         pairs = read_jsonl(tmp_path / "b" / "round_0" / "pairs.jsonl")
         assert judged["unparsable"] == 0 and len(pairs) == judged["pairs"] + judged["held_out_pairs"] > 0
@@ -251,6 +337,9 @@ def tiny_dpo(tmp_path_factory, enc):
         "--seq_len=128", "--batch_size=16", "--micro_batch_size=8", "--max_iters=60", "--lora_rank=0",
         "--learning_rate=3e-3", "--warmup_iters=5", "--eval_interval=60", "--checkpoint_interval=60")
     write_prompts(tmp / "prompts.jsonl", 400, seed=1)
+    with open(tmp / "prompts.jsonl", "a", encoding="utf-8") as f:  # no room for a 12-token answer in 128
+        f.write(json.dumps({"id": 9999, "answer": "13", "messages": [{"role": "user", "content": "7 + 6 = ? " * 40}]})
+                + "\n")
     args = [f"--init_from={tmp / 'sft' / 'model'}", f"--prompts={tmp / 'prompts.jsonl'}", f"--out_dir={tmp / 'dpo'}",
             "--samples_per_prompt=4", "--max_new_tokens=12", "--sample_batch_size=100", "--seq_len=128",
             "--batch_size=16", "--micro_batch_size=8", "--epochs=4", "--lora_rank=8", "--lora_alpha=16.0",
@@ -263,6 +352,9 @@ def tiny_dpo(tmp_path_factory, enc):
 
 def test_tiny_dpo_raises_held_out_reward_accuracy_and_reports_pass_rates(tiny_dpo):
     tmp, _, out = tiny_dpo
+    # one length rule for sampling and training: a prompt without room for a whole answer is skipped, not cut
+    assert "1 without room for a 12-token answer in 128 skipped" in out.stdout
+    assert 9999 not in [r["id"] for r in dpo.read_answers(tmp / "dpo" / "round_0", "samples")]
     summary = json.load(open(tmp / "dpo" / "summary.json"))
     r = summary["rounds"][0]
     print(json.dumps(r, indent=1))
@@ -281,13 +373,16 @@ def test_tiny_dpo_raises_held_out_reward_accuracy_and_reports_pass_rates(tiny_dp
                                           "reward_rejected", "reward_accuracy", "reward_margin"))
     model, _, meta = load_checkpoint(tmp / "dpo" / "model")
     assert meta["stage"] == "dpo" and not any("lora" in n for n, _ in model.named_parameters())
-    for p in read_jsonl(tmp / "dpo" / "round_0" / "pairs.jsonl"):
-        assert p["chosen_score"] > p["rejected_score"]
+    for p in read_jsonl(tmp / "dpo" / "round_0" / "pairs.jsonl"):  # a cut answer ranks below every finished one
+        assert (True, p["chosen_score"]) > (p["rejected_finished"], p["rejected_score"])
 
 
 def test_precomputed_reference_trains_as_adapters_off(tiny_dpo):
     """With LoRA, the reference computed once before training and the policy with its adapters off are the same
-    model: the same pairs give the same losses step by step."""
+    model: the same pairs give the same losses step by step, to the bit in the first epoch. Each pair's reference is
+    computed in the micro-batch it trains in: from other batches it differed by rounding, and at step 0, where the
+    policy is the reference, the DPO-Positive term's max(0, ref - policy) switched its gradient on or off with the
+    sign of that rounding (losses 4e-3 apart from step 2, on some CPUs)."""
     tmp, args, _ = tiny_dpo
     losses = {}
     for ref in ("precomputed", "adapters_off"):
@@ -298,8 +393,9 @@ def test_precomputed_reference_trains_as_adapters_off(tiny_dpo):
         run(DPO, *args, f"--out_dir={out_dir}", f"--reference={ref}", "--steps=['train']", "--max_iters=4",
             "--log_interval=1", "--max_eval_prompts=4")
         losses[ref] = [x["loss"] for x in read_jsonl(out_dir / "metrics.jsonl") if "loss" in x]
-    assert len(losses["precomputed"]) == 4
-    assert all(abs(a - b) < 1e-5 for a, b in zip(losses["precomputed"], losses["adapters_off"])), losses
+    assert len(losses["precomputed"]) == 4 and "--dpop_lambda=50" in args
+    assert json.load(open(tmp / "dpo" / "round_0" / "judge.json"))["pairs"] >= 4 * 16
+    assert losses["precomputed"] == losses["adapters_off"]  # 4 steps of 16 pairs: within the first epoch
     assert os.path.exists(tmp / "ref_precomputed" / "round_0" / "reference_logprobs.json")
 
 

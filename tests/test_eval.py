@@ -1,7 +1,7 @@
 """Claims about eval.py: Bradley-Terry ratings recover simulated players' order and gaps, with intervals that cover the
-truth; strict scoring accepts only the bare option label while lenient finds it in "2. マザーボード" (TANUKI.md
-"Evaluation": format compliance apart from knowledge); log-likelihood multiple choice is the summed log-prob of each
-option computed directly; an MT-Bench judge that gives no rating is retried, then counted, and its cache makes a re-run
+truth; strict scoring accepts only the bare option label while lenient finds it in "2. マザーボード"
+(docs/recipe.md "Evaluation": format compliance apart from knowledge); log-likelihood multiple choice is the summed
+log-prob of each option computed directly; an MT-Bench judge that gives no rating is retried, then counted, and its cache makes a re-run
 send nothing (against serve.py on 127.0.0.1); and the whole script fills every section of eval.json with numbers."""
 
 import json
@@ -87,7 +87,7 @@ FIXTURE = [  # (reply, strict, lenient) for the answer "2"
     ("2", True, True),
     (" 2\n", True, True),               # surrounding whitespace is not a format error
     ("2.", False, True),
-    ("2. マザーボード", False, True),   # TANUKI.md: what most open models answered on Jaster
+    ("2. マザーボード", False, True),   # docs/recipe.md "Evaluation": what most open models answered on Jaster
     ("答えは2です", False, True),
     ("２", False, True),                # full width: NFKC makes it the label
     ("12", False, False),               # another number, not the label

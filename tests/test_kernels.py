@@ -1,7 +1,8 @@
 """Claims about kernels/: each Triton kernel computes the same function as its PyTorch reference (values and
 gradients), checked in Triton's interpreter on the CPU in float32 and float16; and each compiles for H100 in bf16 at
-its production configuration with no spills, using wgmma where it multiplies matrices (DESIGN.md "Running without
-a GPU"). The interpreter multiplies bf16 bit patterns, so bf16 is checked only by the compile.
+its production configuration with no spills, using wgmma where it multiplies matrices
+(docs/design.md "Running without a GPU"). The interpreter multiplies bf16 bit patterns, so bf16 is checked only by
+the compile.
 
 TRITON_INTERPRET=1 must be set before the kernels are decorated; it is set here, for this whole pytest process, and
 the kernel modules are reloaded in case a test collected earlier imported them without it. It only changes how
@@ -280,6 +281,33 @@ def test_block_with_kernels_compiles_whole(monkeypatch, ffn):
         overrides = dict(n_experts=8, moe_top_k=2, moe_router="softmax_topk_renorm", moe_bias_update_rate=1e-3,
                          moe_capacity_factor=1.0 if ffn == "moe_capacity" else 0.0)
     assert_compiles_whole(block_config(**overrides), expect_ops=ops)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_row_cross_entropy_matches_reference(monkeypatch, backend, dtype):
+    """DPO's per-sequence sums: each row's summed loss and its gradients for a different incoming gradient per row
+    (what the DPO loss sends back) equal full float64 logits', with ignored targets, a loss mask and a short last
+    chunk, through the row kernel (interpreted) and through the PyTorch chunks."""
+    monkeypatch.setenv("NANOTANUKI_KERNELS", backend)
+    torch.manual_seed(0)
+    B, T, C, V = 3, 13, 16, 4096
+    x = torch.randn(B, T, C, dtype=dtype, requires_grad=True)
+    w = (0.5 * torch.randn(V, C)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, T))
+    targets[0, :5] = -1
+    targets[2] = -1  # a row with nothing that counts sums to 0
+    mask = (torch.rand(B, T) > 0.3).float()
+    upstream = torch.tensor([1.5, -0.7, 2.0])
+    sums = kernels.linear_cross_entropy_per_row(x, w, targets, mask, chunk=7)
+    grads = torch.autograd.grad((sums * upstream).sum(), (x, w))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = cross_entropy.reference_per_row(x64, w64, targets, mask)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), (x64, w64))
+    assert sums.shape == (B,) and sums[2].item() == 0.0
+    assert max_rel_err(sums, ref) <= TOLERANCE[dtype]
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype and max_rel_err(g, r) <= TOLERANCE[dtype]
 
 
 def test_fused_loss_compiles_whole():

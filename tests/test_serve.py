@@ -7,10 +7,8 @@ import copy
 import http.client
 import json
 import os
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -20,6 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import serve  # noqa: E402  (its script flow runs only under __main__)
+from conftest import serve_py, wait_for_text  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import render_chat, special_id, train_tokenizer  # noqa: E402
@@ -230,27 +229,12 @@ def test_a_failure_during_generation_is_a_500_and_the_server_stays_up(loaded):
 
 def test_command_line_serves_on_a_free_port(tmp_path, checkpoint):
     log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "serve.py", f"--init_from={checkpoint}", "--port=0"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def wait_for_log(text):
-        deadline = time.time() + 60
-        while text not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.05)
-        return log.read_text()
-
-    try:
-        address, port = wait_for_log("http://").split("http://")[1].split("/v1")[0].split(":")  # the bound port
+    with serve_py(checkpoint, log) as (proc, url):
+        address, port = url.split("http://")[1].split("/v1")[0].split(":")  # the bound port
         assert address == "127.0.0.1"
         remote = SimpleNamespace(server_address=(address, int(port)))  # what request() reads of a server
         status, body = request(remote, "GET", "/v1/models")
         assert status == 200 and body["data"][0]["id"] == "tiny"  # the directory's name
         assert 0 < chat(remote, max_tokens=3)["usage"]["completion_tokens"] <= 3
         # one line per request, written just after the answer
-        assert "GET /v1/models 200 " in wait_for_log("POST /v1/chat/completions 200 prompt=")
-    finally:
-        # SIGTERM, not Ctrl-C's SIGINT: a process started in the background (CI) may inherit SIGINT ignored
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert "GET /v1/models 200 " in wait_for_text(log, "POST /v1/chat/completions 200 prompt=", proc)

@@ -168,7 +168,8 @@ def test_tiny_sft_lowers_held_out_loss_and_writes_a_loadable_checkpoint(run, enc
     assert len(val) == 2 and val[1] < val[0] - 0.25, val
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [5, 10, 15, 20, 25, 30]
-    assert all(k in steps[-1] for k in ("step", "loss", "lr", "grad_norm", "tokens", "skipped"))  # DESIGN.md
+    # the keys every training stage logs (docs/design.md "Command line")
+    assert all(k in steps[-1] for k in ("step", "loss", "lr", "grad_norm", "tokens", "skipped"))
     model, loaded_enc, meta = load_checkpoint(tmp / "out" / "model")
     assert meta["stage"] == "sft" and meta["step"] == 30 and loaded_enc.n_vocab == enc.n_vocab
     # the merged model is a plain Transformer: what serve.py's chat runs

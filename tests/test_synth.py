@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import synth  # noqa: E402  (its script flow runs only under __main__)
+from conftest import running, serve_py  # noqa: E402
 import textfilters as tf  # noqa: E402
 
 JA_DAYS = dict(zip(calendar.day_name, ["月曜日", "火曜日", "水曜日", "木曜日", "金曜日", "土曜日", "日曜日"]))
@@ -202,7 +203,10 @@ class Teacher(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             n = srv.requests[prompt]
+            held = srv.hold_after is not None and sum(srv.requests.values()) > srv.hold_after
         try:
+            if held:  # answers nothing more until the test opens the gate
+                srv.gate.wait()
             time.sleep(srv.delay)
             mode = srv.modes.get(prompt, "ok")
             if mode == "500" or (mode == "flaky" and n == 1):
@@ -231,11 +235,12 @@ def teacher():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
     server.daemon_threads = True
     server.lock, server.requests, server.in_flight, server.max_in_flight = threading.Lock(), Counter(), 0, 0
-    server.modes, server.delay = {}, 0.0
+    server.modes, server.delay, server.hold_after, server.gate = {}, 0.0, None, threading.Event()
     server.answers = {t["turns"][0]: t["answer"] for t in synth.offline_tasks(300, seed=0)}
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     yield server
+    server.gate.set()
     server.shutdown()
     server.server_close()
 
@@ -247,7 +252,7 @@ def synth_args(out, url, n, *extra):
 
 
 def run_synth(args):
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=120)
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=900)  # only a hung run fails on the clock
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     return result
 
@@ -285,20 +290,22 @@ def test_openai_backend_retries_then_records_failures_and_keeps_the_rest(tmp_pat
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path, teacher):
-    teacher.delay = 0.03
-    proc = subprocess.Popen(synth_args(tmp_path, teacher.url, 200, "--concurrency=4"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    chat = tmp_path / "chat.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not chat.exists() or chat.read_text().count("\n") < 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    teacher.hold_after = 30  # the teacher answers 30 requests, then holds the rest: the run is mid-way, whatever the clock
+    chat, rejected = tmp_path / "chat.jsonl", tmp_path / "rejected.jsonl"
+    written = lambda: sum(p.read_text().count("\n") for p in (chat, rejected) if p.exists())  # noqa: E731
+    with running(synth_args(tmp_path, teacher.url, 200, "--concurrency=4", "--timeout=600"),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        while written() < 30:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    teacher.gate.set()
     done_before = len(ids(chat))
-    assert 20 <= done_before < 200
+    assert done_before >= 20 and written() == 30
     with open(chat, "a") as f:
         f.write('{"id": 99999, "messa')  # a line cut by the kill: cut from the file, then the run goes on
-    teacher.delay = 0.0
+    teacher.hold_after = None
     run_synth(synth_args(tmp_path, teacher.url, 200, "--concurrency=4"))
     written = ids(chat) + ids(tmp_path / "rejected.jsonl")
     assert sorted(written) == list(range(200))  # every sample once: none lost, none twice
@@ -344,40 +351,29 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_against_serve_py_a_real_server(tmp_path, tiny_checkpoint):
     """synth.py -> serve.py on 127.0.0.1, no mocks: 4 concurrent workers finish, the schema holds, a killed run
-    resumes without duplicates."""
-    log = tmp_path / "serve.txt"
-    with open(log, "w") as stderr:
-        server = subprocess.Popen([sys.executable, "serve.py", f"--init_from={tiny_checkpoint}", "--port=0"],
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.time() + 60
-        while "http://" not in log.read_text():  # serve.py names the port it bound
-            assert server.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.1)
-        url = "http://" + log.read_text().split("http://")[1].split("/v1")[0] + "/v1"
-        args = synth_args(tmp_path / "out", url, 60, "--concurrency=4", "--max_tokens=8", "--timeout=30",
+    resumes without duplicates. Each process is waited on by what it writes, never by a clock, and stopped at the
+    end, pass or fail."""
+    out = tmp_path / "out"
+    with serve_py(tiny_checkpoint, tmp_path / "serve.txt") as (_, url):
+        args = synth_args(out, url, 60, "--concurrency=4", "--max_tokens=8", "--timeout=600",
                           "--tasks=['multiturn', 'arithmetic', 'date']")
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out = tmp_path / "out"
         lines = lambda: sum(p.read_text().count("\n") for p in out.glob("*.jsonl") if p.exists())  # noqa: E731
-        while proc.poll() is None and lines() < 10 and time.time() < deadline + 60:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        with running(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+            while proc.poll() is None and lines() < 10:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         assert 10 <= len(ids(out / "chat.jsonl") + ids(out / "rejected.jsonl")) < 60  # killed mid-run
         run_synth(args)
-        records = synth.read_jsonl(str(out / "chat.jsonl")) + synth.read_jsonl(str(out / "rejected.jsonl"))
-        assert not ids(out / "failures.jsonl")
-        assert sorted(r["id"] for r in records) == list(range(60))  # each sample once across the kill
-        for r in records:
-            assert r["teacher"] == "teacher" and r["task"] in ("multiturn", "arithmetic", "date")
-            assert [m["role"] for m in r["messages"]][:2] == ["user", "assistant"]
-            assert all(isinstance(m["content"], str) for m in r["messages"])
-        # a random model cannot do arithmetic in the strict format: its answers are checked, not trusted
-        assert all(r.get("reason") for r in records if r["task"] != "multiturn")
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+    records = synth.read_jsonl(str(out / "chat.jsonl")) + synth.read_jsonl(str(out / "rejected.jsonl"))
+    assert not ids(out / "failures.jsonl")
+    assert sorted(r["id"] for r in records) == list(range(60))  # each sample once across the kill
+    for r in records:
+        assert r["teacher"] == "teacher" and r["task"] in ("multiturn", "arithmetic", "date")
+        assert [m["role"] for m in r["messages"]][:2] == ["user", "assistant"]
+        assert all(isinstance(m["content"], str) for m in r["messages"])
+    # a random model cannot do arithmetic in the strict format: its answers are checked, not trusted
+    assert all(r.get("reason") for r in records if r["task"] != "multiturn")
 
 
 def test_local_backend_generates_with_our_checkpoint(tmp_path, tiny_checkpoint):

@@ -90,7 +90,8 @@ def test_tiny_config_loss_falls(tmp_path, data_dir):
     steps, records = metrics(tmp_path)
     first, last = steps[1]["loss"], steps[25]["loss"]
     assert last < first - 1.5, (first, last)
-    assert all(k in steps[25] for k in ("step", "loss", "lr", "grad_norm", "tokens", "skipped"))  # DESIGN.md
+    # the keys every training stage logs (docs/design.md "Command line")
+    assert all(k in steps[25] for k in ("step", "loss", "lr", "grad_norm", "tokens", "skipped"))
     assert steps[25]["tokens"] == 25 * 16 * 256 and steps[25]["skipped"] == 0
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
     assert set(val) == {"en", "ja"} and all(v < first for v in val.values())
@@ -261,7 +262,8 @@ def test_unknown_config_key_fails_at_start_up(tmp_path, data_dir):
 
 
 def test_upcycled_moe_learns_and_its_experts_drift_apart(tmp_path, data_dir):
-    # TANUKI.md "Upcycling": dense training first, then 8 copies of its FFN (0.1% noise) trained on as an MoE
+    # docs/recipe.md "Upcycling 8B to 8x8B": dense training first, then training goes on with 8 copies of its FFN
+    # (0.1% noise) as an MoE
     import torch
     train(tmp_path / "dense", data_dir, *SMALL, "--max_iters=40")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), f"--init_from={tmp_path / 'dense' / 'model'}",

@@ -94,7 +94,7 @@ def test_8x8b_is_47b_total_13b_active():
         model = Transformer(model_config_from(scope))
     total, active = model.num_params(), model.num_params(active=True)
     print(f"\n8x8b: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active")
-    assert 46.5e9 < total < 47.5e9 and 13.0e9 < active < 13.4e9  # TANUKI.md: 47.0B, 13.2B
+    assert 46.5e9 < total < 47.5e9 and 13.0e9 < active < 13.4e9  # docs/recipe.md "Models": 47.0B, 13.2B
 
 
 @pytest.mark.parametrize("mode", ["topk_softmax", "softmax_topk_renorm"])
