@@ -7,9 +7,10 @@ so this stage decides what the model learns.
     python prepare_data.py --input=data/fineweb,data/llmjp --out_dir=out/web --vocab_size=65536
     python prepare_data.py configs/my_mix.py --tokenizer=out/web   # sources = {"name": "path,path"}; reuse a tokenizer
 
-Flow, per source: read (txt, jsonl, .gz, .zst, parquet, directories) -> clean lines -> language + quality filters
--> exact dedup -> fuzzy dedup (MinHash/LSH over all sources) -> decontaminate -> category balance -> tokenizer
-(trained on a sample of the cleaned text, or given) -> tokenize in parallel -> shards. Output:
+Flow, per source: read (jsonl, json, parquet, text; .gz, .zst; directories; bad input counted) -> clean lines
+-> language + quality filters -> exact dedup -> fuzzy dedup (MinHash/LSH over all sources) -> decontaminate
+-> category balance -> tokenizer (trained on a sample of the cleaned text, or given) -> tokenize in parallel
+-> shards. Output:
     OUT_DIR/tokenizer.tiktoken, tokenizer_meta.json, stats.json
     OUT_DIR/<source>/meta.json, train_000000.bin ..., val_000000.bin ..., rejects.jsonl (with write_rejects)
 Shards are raw little-endian token ids (uint16 when the vocab fits in 65,536), documents framed <|bos|> ... <|eos|>
@@ -22,11 +23,14 @@ OUT_DIR/<source>/cleaned.jsonl while the run lasts.
 import ast
 import datetime
 import gzip
+import importlib.util
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
 import random
+import re
 import sys
 import sysconfig
 import time
@@ -48,6 +52,8 @@ vocab_size = 4096             # configs/tiny.py; Tanuki-8B: 65,536 (docs/recipe.
 tokenizer_sample_chars = 20_000_000  # the BPE sample, spread over the sources
 text_field = "text"           # the JSONL / parquet field holding the document
 max_line_bytes = 10_000_000   # a longer input line is bad input: reported, skipped
+text_doc_chars = 200_000      # a plain-text file is one document, cut at blank lines into pieces of at most this
+max_json_bytes = 100_000_000  # a .json file is parsed whole: a bigger one is a bad file (make it JSONL)
 max_docs = 0                  # per source, 0 = all (a quick look at a big corpus)
 languages = ["ja", "en", "code"]   # what detect_language must answer to keep a document
 # sources that skip line cleaning and the language and quality filters: synthetic data that synth.py already
@@ -94,8 +100,8 @@ if set(unfiltered_sources) - set(sources):
     sys.exit(f"unfiltered_sources {sorted(set(unfiltered_sources) - set(sources))} are not sources: {sorted(sources)}")
 os.makedirs(out_dir, exist_ok=True)
 ctx = mp.get_context("fork")  # workers inherit the settings, sketch and indexes set below without pickling them
-stats = {name: {"docs_in": 0, "chars_in": 0, "bad_input": {}, "lines_removed": 0, "removed": {}, "docs_cut": 0,
-                "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
+stats = {name: {"docs_in": 0, "chars_in": 0, "bad_records": {}, "bad_files": {}, "bad_examples": {}, "lines_removed": 0,
+                "removed": {}, "docs_cut": 0, "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
 
 
 def count(d, key, n=1):
@@ -111,74 +117,120 @@ def reject(name, step, reason, text):
 
 
 # -----------------------------------------------------------------------------
-# reading: files -> documents, bad input counted and skipped (never a crash, never a silent loss)
+# reading: files -> documents. A bad record (a line, array item or row) or a bad file is counted by reason in
+# stats.json (bad_records / bad_files, the first places as file:line in bad_examples) and skipped: never a crash,
+# never a silent loss. Bytes that are not valid UTF-8 and JSON's lone surrogates ("\ud800") skip their record rather
+# than become U+FFFD: such text comes from a broken converter or a wrong encoding (Shift_JIS read as UTF-8), and
+# mojibake is worse training data than a lost document.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def bad(s, reason, where, kind="bad_records"):
+    count(s[kind], reason)
+    examples = s["bad_examples"].setdefault(reason, [])
+    if len(examples) < 5:
+        examples.append(where)
+
 
 def open_binary(path):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
     if path.endswith(".zst"):
         try:
             from compression import zstd  # the standard library from Python 3.14
             return zstd.open(path, "rb")
         except ImportError:
-            pass
-        try:
-            import zstandard  # optional: older Pythons need the package
-        except ImportError:
-            sys.exit(f"{path}: reading .zst needs Python >= 3.14 or `pip install zstandard`")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+            import zstandard  # optional: older Pythons need the package (checked in source_files)
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def read_lines(f, bad):
-    """Yield the decoded lines of a binary stream; a line over max_line_bytes or not valid UTF-8 is counted in
-    `bad` and skipped (read in bounded pieces, so a 10 GB line never sits in memory)."""
-    while True:
-        raw = f.readline(max_line_bytes + 1)
-        if not raw:
-            return
+def read_lines(f, path, s, at):
+    """Yield the decoded lines of a binary stream, at[0] the line number; a line over max_line_bytes or not valid
+    UTF-8 is counted and skipped (read in bounded pieces, so a 10 GB line never sits in memory)."""
+    while raw := f.readline(max_line_bytes + 1):
+        at[0] += 1
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):  # skip the rest of the line
                 raw = f.readline(max_line_bytes)
-            count(bad, "line_too_long")
+            bad(s, "line_too_long", f"{path}:{at[0]}")
             continue
         try:
-            yield raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if at[0] == 1 else "utf-8")  # a byte-order mark is not text
         except UnicodeDecodeError:
-            count(bad, "invalid_utf8")
+            bad(s, "invalid_utf8", f"{path}:{at[0]}")
+            continue
+        yield line
 
 
-def read_file(path, bad):
-    """Documents of one file: a JSON object per line for .jsonl/.json (+.gz/.zst), rows of a parquet column,
-    otherwise the whole file is one document."""
-    if os.path.getsize(path) == 0:
-        count(bad, "empty_file")
-        return
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq  # optional: only parquet input needs it
-        except ImportError:
-            sys.exit(f"{path}: reading parquet needs `pip install pyarrow`")
-        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
-            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+def record_text(value, where, s, parse=True):
+    """The document of one JSON record: its text_field, or the record itself if a string; None if bad (counted)."""
+    try:
+        value = json.loads(value) if parse else value
+    except json.JSONDecodeError:
+        return bad(s, "broken_json", where)
+    except RecursionError:  # valid JSON nested too deep for the parser, e.g. "[" * 100000
+        return bad(s, "nested_too_deep", where)
+    text = value.get(text_field) if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        return bad(s, "missing_field", where)
+    if SURROGATE.search(text):  # valid JSON, not valid Unicode: every later step would fail on it
+        return bad(s, "lone_surrogate", where)
+    return text
+
+
+def json_docs(f, path, s):
+    """A .json file is one JSON value: an array of records (or strings), or one record. The standard library parses
+    it whole, so it is held to max_json_bytes (3-5x that in memory while parsed); a larger one is a bad file."""
+    raw = f.read(max_json_bytes + 1)
+    if len(raw) > max_json_bytes:
+        return bad(s, "json_too_large", f"{path} (over max_json_bytes={max_json_bytes:,}: make it JSONL)", "bad_files")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # broken JSON or invalid UTF-8 (both ValueErrors), or too deep
+        return bad(s, "broken_json", f"{path} ({type(e).__name__}: {str(e)[:100]})", "bad_files")
+    del raw
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        if (text := record_text(item, f"{path}[{i}]", s, parse=False)) is not None:
+            yield text
+
+
+def text_docs(lines):
+    """Plain text, streamed: a file is one document (an article, a code file), but one longer than text_doc_chars
+    is cut at its last blank line within that size (at a line end if a paragraph is longer), so a file of any size
+    is read one bounded document at a time."""
+    buf, size, cut = [], 0, 0  # cut: the number of lines up to and with the last blank one in buf
+    for line in lines:
+        if buf and size + len(line) > text_doc_chars:
+            k = cut or len(buf)
+            yield "".join(buf[:k])
+            buf, cut = buf[k:], 0
+            size = sum(map(len, buf))
+        buf.append(line)
+        size += len(line)
+        cut = len(buf) if not line.strip() else cut
+    if buf:
+        yield "".join(buf)
+
+
+def file_docs(path, s, at):
+    """Documents of one file, the reader chosen by the file's own extension (after .gz / .zst): .jsonl / .ndjson a
+    JSON record per line, .json one JSON value, .parquet the text_field column, anything else plain text."""
+    ext = os.path.splitext(path.removesuffix(".gz").removesuffix(".zst"))[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq  # optional: checked in source_files
+        for at[0], text in enumerate((t for b in pq.ParquetFile(path).iter_batches(columns=[text_field])
+                                      for t in b.column(0).to_pylist()), 1):
+            if (text := record_text(text, f"{path}:{at[0]}", s, parse=False)) is not None:
+                yield text
         return
     with open_binary(path) as f:
-        if ".jsonl" in path or ".json" in path:
-            for line in read_lines(f, bad):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    count(bad, "broken_json")
-                    continue
-                text = obj.get(text_field) if isinstance(obj, dict) else None
-                if isinstance(text, str):
+        if ext == ".json":
+            yield from json_docs(f, path, s)
+        elif ext in (".jsonl", ".ndjson"):
+            for line in filter(str.strip, read_lines(f, path, s, at)):
+                if (text := record_text(line, f"{path}:{at[0]}", s)) is not None:
                     yield text
-                else:
-                    count(bad, "missing_field")
         else:
-            yield "".join(read_lines(f, bad))
+            yield from (doc for doc in text_docs(read_lines(f, path, s, at)) if doc.strip())
 
 
 def stdlib_files():
@@ -258,23 +310,51 @@ def ja_template_docs(n):
         yield "\n".join("".join(sentences[a:b]) for a, b in zip([0] + cuts, cuts + [len(sentences)]))
 
 
+def source_files(name):
+    """The files of a source, sorted, listed before any work starts: a missing path, or a format whose optional
+    module is not installed, is an error now (later, in a pool's feeder thread, it would hang the run)."""
+    if sources[name].startswith("builtin:"):
+        return []
+    paths = []
+    for path in sources[name].split(","):
+        if not os.path.exists(path):
+            sys.exit(f"source {name}: no such file or directory: {path}")
+        paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+    parquet, zst = (next((p for p in paths if p.endswith(ext)), None) for ext in (".parquet", ".zst"))
+    if parquet and not importlib.util.find_spec("pyarrow"):
+        sys.exit(f"{parquet}: reading parquet needs `pip install pyarrow`")
+    if zst and sys.version_info < (3, 14) and not importlib.util.find_spec("zstandard"):
+        sys.exit(f"{zst}: reading .zst needs Python >= 3.14 or `pip install zstandard`")
+    return paths
+
+
+file_lists = {name: source_files(name) for name in sources}
+for path in filter(None, decontam_files.split(",")):
+    if not os.path.isfile(path):
+        sys.exit(f"decontam_files: no such file: {path}")
+
+
 def read_source(name):
-    """All documents of a source in a fixed order (files sorted), bad input counted in stats[name]."""
-    bad = stats[name]["bad_input"]
-    spec = sources[name]
+    """All documents of a source in a fixed order (files sorted). A file that fails part way (a truncated .gz / .zst,
+    a read error) is a bad file, and the documents read before the failure are kept."""
+    s, spec = stats[name], sources[name]
     if spec.startswith("builtin:"):
         kind = spec[len("builtin:"):]
         docs = {"stdlib_docs": lambda: stdlib_docs(False), "stdlib_code": lambda: stdlib_docs(True),
                 "ja_templates": lambda: ja_template_docs(builtin_ja_docs)}[kind]()
     else:
         def walk():
-            for path in spec.split(","):
-                if not os.path.exists(path):
-                    sys.exit(f"source {name}: no such file or directory: {path}")
-                paths = [path] if os.path.isfile(path) else sorted(
-                    os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-                for p in paths:
-                    yield from read_file(p, bad)
+            for path in file_lists[name]:
+                at = [0]  # the line (parquet: row) reached
+                try:
+                    if os.path.getsize(path) == 0:
+                        bad(s, "empty_file", path, "bad_files")
+                        continue
+                    yield from file_docs(path, s, at)
+                except EOFError:  # a truncated .gz / .zst
+                    bad(s, "truncated", f"{path}:{at[0]}", "bad_files")
+                except Exception as e:  # noqa: BLE001  permissions, corrupt data, ...: one file never ends the run
+                    bad(s, "unreadable_file", f"{path}:{at[0]} ({type(e).__name__}: {str(e)[:100]})", "bad_files")
         docs = walk()
     for i, doc in enumerate(docs):
         if max_docs and i >= max_docs:
@@ -283,13 +363,8 @@ def read_source(name):
 
 
 def batched(iterable, n):
-    batch = []
-    for x in iterable:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, n)):
         yield batch
 
 
@@ -311,30 +386,40 @@ def repeated(h):
     return min(sketch[0, i], sketch[1, j]) >= repeated_line_min_docs
 
 
+def guarded(step, on_error):
+    """step() in a worker; if it raises (no step should), on_error(exception): one document never ends the run."""
+    try:
+        return step()
+    except Exception as e:  # noqa: BLE001
+        return on_error(e)
+
+
 def line_hash_batch(docs):
-    return [tf.line_hashes(tf.normalize(d)) for d in docs]
+    return [guarded(lambda: tf.line_hashes(tf.normalize(d)), lambda e: np.zeros(0, np.uint64)) for d in docs]
 
 
 # pass 2 per source: normalize, clean, identify the language, filter, shingle; exact dedup and the index in the parent
+def clean_doc(doc):
+    text = tf.normalize(doc)
+    lang = tf.detect_language(text)
+    dropped = 0
+    if lang != "code" and not unfiltered:  # a code line like `a | b | c` is not a menu
+        text, dropped = tf.clean_lines(text, repeated if repeated_line_min_docs else None,
+                                       TH["boilerplate_max_line_chars"])
+    if not text.strip():
+        return "clean", "empty_after_cleaning", lang, text, dropped, None
+    if unfiltered:
+        return "filter", None, lang, text, dropped, tf.shingles(text, minhash_ngram, tf.units(text))
+    if lang not in languages:
+        return "language", lang, lang, text, dropped, None
+    u = tf.units(text)  # shared by the repetition filters and the shingles
+    reason = tf.filter_reason(tf.quality_signals(text, lang, TH["cjk_ngram_scale"], u), lang, TH)
+    return "filter", reason, lang, text, dropped, None if reason else tf.shingles(text, minhash_ngram, u)
+
+
 def clean_batch(docs):
-    out = []
-    for doc in docs:
-        text = tf.normalize(doc)
-        lang = tf.detect_language(text)
-        dropped = 0
-        if lang != "code" and not unfiltered:  # a code line like `a | b | c` is not a menu
-            text, dropped = tf.clean_lines(text, repeated if repeated_line_min_docs else None,
-                                           TH["boilerplate_max_line_chars"])
-        if not text.strip():
-            out.append(("clean", "empty_after_cleaning", lang, text, dropped, None))
-        elif unfiltered:
-            out.append(("filter", None, lang, text, dropped, tf.shingles(text, minhash_ngram, tf.units(text))))
-        elif lang not in languages:
-            out.append(("language", lang, lang, text, dropped, None))
-        else:
-            u = tf.units(text)  # shared by the repetition filters and the shingles
-            reason = tf.filter_reason(tf.quality_signals(text, lang, TH["cjk_ngram_scale"], u), lang, TH)
-            out.append(("filter", reason, lang, text, dropped, None if reason else tf.shingles(text, minhash_ngram, u)))
+    out = [guarded(lambda: clean_doc(d), lambda e: ("clean", f"error_{type(e).__name__}", "unknown", d, 0, None))
+           for d in docs]
     shingle_sets = [o[5] for o in out if o[5] is not None]
     sigs = iter(tf.minhash(shingle_sets, minhash_bands * minhash_rows, seed))
     return [(step, reason, lang, text, dropped, next(sigs) if sh is not None else None)
@@ -358,7 +443,7 @@ for name in sources:
                                desc=f"{name}: count lines", unit="batch"):
                 for row, idx in enumerate(sketch_index(np.concatenate(hashes))):
                     np.add.at(sketch[row], idx, 1)  # add.at, not +=: a line seen in two documents counts twice
-    s["bad_input"] = {}  # pass 1 counted the bad input already; pass 2 reads the same bytes and counts it again
+    s.update(bad_records={}, bad_files={}, bad_examples={})  # pass 1 counted them; pass 2 reads the same bytes again
     with ctx.Pool(num_proc) as pool, open(os.path.join(out_dir, name, "cleaned.jsonl"), "w", encoding="utf-8") as f:
         docs = read_source(name)
 
@@ -467,7 +552,7 @@ def eval_texts(paths):
     for path in filter(None, paths.split(",")):
         with open(path, encoding="utf-8") as f:
             for line in filter(str.strip, f):
-                if ".jsonl" in path:
+                if path.endswith(".jsonl"):
                     yield from (v for v in json.loads(line).values() if isinstance(v, str))
                 else:
                     yield line
@@ -565,7 +650,7 @@ with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
     json.dump(stats_all, f, indent=2, ensure_ascii=False)
 steps = ["clean", "language", "filter", "exact_dedup", "fuzzy_dedup", "decontaminate", "balance"]
 header = ["source", "docs in", "chars in", "bad input"] + steps + ["docs out", "tokens out"]
-rows = [[name, s["docs_in"], s["chars_in"], sum(s["bad_input"].values())]
+rows = [[name, s["docs_in"], s["chars_in"], sum(s["bad_records"].values()) + sum(s["bad_files"].values())]
         + [sum(s["removed"].get(step, {}).values()) for step in steps]
         + [s["docs_out"], s["tokens_train"] + s["tokens_val"]] for name, s in stats.items()]
 widths = [max(len(f"{x:,}" if isinstance(x, int) else x) for x in col) for col in zip(header, *rows)]
@@ -573,7 +658,9 @@ for row in [header] + rows:
     print("  ".join((f"{x:,}" if isinstance(x, int) else x).rjust(w) for x, w in zip(row, widths)))
 for name, s in stats.items():
     reasons = {step: r for step, r in s["removed"].items() if r}
-    print(f"{name}: bad input {s['bad_input'] or 'none'}; removed {reasons or 'nothing'}; "
+    print(f"{name}: bad records {s['bad_records'] or 'none'}, bad files {s['bad_files'] or 'none'}"
+          + "".join(f"\n  {reason} first at {', '.join(where)}" for reason, where in s["bad_examples"].items())
+          + f"\n  removed {reasons or 'nothing'}; "
           f"{s['lines_removed']:,} lines cut; {s['docs_cut']} documents cut by decontamination; kept {s['languages']}")
 for p in stats_all["probe"]:
     print(f"probe {p['terms']}: {p['documents']} documents, {p['distinct']} distinct after near-duplicate clustering")

@@ -1,16 +1,19 @@
 """Claims about prepare_data.py, on a small corpus the test writes: the shards decode back to exactly the kept
 documents, each framed <|bos|> ... <|eos|>; planted exact and near duplicates, boilerplate lines, a line repeated
 across documents and an evaluation question are removed; bad input (invalid UTF-8, a broken JSON line, an empty file,
-an over-long line) is counted and skipped while nothing else is lost; two runs (1 and 2 processes) give the same
-bytes; meta.json follows the contract train.py reads."""
+an over-long line; issue 15's lone surrogate, truncated .gz, deep nesting, unreadable file, .json values, directories
+named *.json, large .txt files) is counted by reason with file:line and skipped while nothing else is lost; two runs
+(1 and 2 processes) give the same bytes; meta.json follows the contract train.py reads."""
 
 import glob
 import gzip
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -135,8 +138,8 @@ def test_every_removal_is_counted_and_nothing_else_is_lost(prepared):
     with open(os.path.join(out, "stats.json")) as f:
         stats = json.load(f)["sources"]
     web = stats["web"]
-    assert web["bad_input"] == {"broken_json": 1, "invalid_utf8": 1, "line_too_long": 1, "empty_file": 1,
-                                "missing_field": 1}
+    assert web["bad_records"] == {"broken_json": 1, "invalid_utf8": 1, "line_too_long": 1, "missing_field": 1}
+    assert web["bad_files"] == {"empty_file": 1}
     assert web["removed"] == {"exact_dedup": {"exact_duplicate": 1}, "fuzzy_dedup": {"near_duplicate": 1},
                               "decontaminate": {"eval_ngram": 1}}
     assert web["docs_out"] == len(expected["web"]) and web["lines_removed"] == 5 + len(ADS)
@@ -259,3 +262,152 @@ def test_unfiltered_sources_keep_short_synthetic_documents(prepared, tmp_path):
                           f"--tokenizer={out}", f"--out_dir={tmp_path / 'bad'}", "--unfiltered_sources=['synt']"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode != 0 and "synt" in bad.stderr
+
+
+WORDS = ("tanuki fox badger forest river mountain village leaf shape travel night moon rice field shrine road "
+         "story winter spring autumn summer lantern bridge market").split()
+
+
+@pytest.fixture(scope="module")
+def robust(tmp_path_factory):
+    """Issue 15: one source whose good files sit beside one bad file per case, read with the filters off
+    (unfiltered_sources) so that every good document must reach the shards, in file order."""
+    root = tmp_path_factory.mktemp("robust")
+    src = root / "mixed"
+    (src / "x.json").mkdir(parents=True)  # a directory named like a JSON file, holding JSONL
+    rng = random.Random(0)
+
+    def doc(n=60):
+        return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+    def rec(text):
+        return json.dumps({"text": text})
+    good = {}  # file -> its good documents
+
+    def jsonl(name, *lines):
+        (src / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        good[name] = [json.loads(line)["text"] for line in lines if line.startswith('{"text": "') and
+                      "\\ud800" not in line and line.endswith('"}')]
+    jsonl("good.jsonl", rec(doc()), "", rec(doc()))
+    (src / "good.jsonl").write_bytes(b"\xef\xbb\xbf" + (src / "good.jsonl").read_bytes())  # a byte-order mark
+    jsonl("surrogate.jsonl", rec(doc()), '{"text": "a lone \\ud800 surrogate"}', rec(doc()))  # valid JSON
+    jsonl("deep.jsonl", rec(doc()), "[" * 100_000, rec(doc()))
+    jsonl("broken.jsonl", rec(doc()), '{"text": "cut short', rec(doc()))
+    jsonl("x.json/inner.jsonl", rec(doc()))
+    records = [rec(doc(200)) for _ in range(40)]
+    data = gzip.compress("".join(r + "\n" for r in records).encode())
+    (src / "trunc.jsonl.gz").write_bytes(data[:len(data) // 2])
+    complete = zlib.decompressobj(31).decompress(data[:len(data) // 2]).split(b"\n")[:-1]  # lines before the cut
+    good["trunc.jsonl.gz"] = [json.loads(line)["text"] for line in complete]
+    (src / "notgz.jsonl.gz").write_text(rec(doc()))  # not gzip at all
+    array = [{"text": doc()}, doc(), {"title": "no text"}, {"text": doc()}]
+    (src / "arr.json").write_text(json.dumps(array))
+    good["arr.json"] = [array[0]["text"], array[1], array[3]["text"]]
+    one = doc()
+    (src / "one.json").write_text(json.dumps({"text": one}))
+    good["one.json"] = [one]
+    (src / "huge.json").write_text(json.dumps([doc() for _ in range(30)]))  # over --max_json_bytes=5000
+    paragraphs = [doc(rng.randint(20, 80)) for _ in range(60)]
+    (src / "big.txt").write_text("\n\n".join(paragraphs) + "\n")
+    out = root / "out"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={src}",
+                             f"--out_dir={out}", "--vocab_size=300", "--unfiltered_sources=['mixed']",
+                             "--balance_clusters=0", "--val_every=1000", "--text_doc_chars=2000",
+                             "--max_json_bytes=5000"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((out / "stats.json").read_text())["sources"]["mixed"]
+    enc = load_tokenizer(str(out))
+    meta = json.loads((out / "mixed" / "meta.json").read_text())
+    docs = read_docs(str(out), "mixed", "val", enc, meta) + read_docs(str(out), "mixed", "train", enc, meta)
+    return src, good, paragraphs, complete, stats, docs, result.stdout, out
+
+
+def test_bad_records_and_files_are_counted_with_their_place_and_good_documents_kept(robust):
+    src, good, paragraphs, complete, stats, docs, stdout, _ = robust
+    assert stats["bad_records"] == {"lone_surrogate": 1, "nested_too_deep": 1, "broken_json": 1, "missing_field": 1}
+    assert stats["bad_files"] == {"truncated": 1, "unreadable_file": 1, "json_too_large": 1}
+    examples = stats["bad_examples"]
+    assert examples["lone_surrogate"] == [f"{src}/surrogate.jsonl:2"]
+    assert examples["nested_too_deep"] == [f"{src}/deep.jsonl:2"]
+    assert examples["broken_json"] == [f"{src}/broken.jsonl:2"]
+    assert examples["missing_field"] == [f"{src}/arr.json[2]"]
+    assert examples["truncated"] == [f"{src}/trunc.jsonl.gz:{len(complete)}"]  # the last whole line before the cut
+    assert examples["unreadable_file"][0].startswith(f"{src}/notgz.jsonl.gz:0 (BadGzipFile")
+    assert examples["json_too_large"][0].startswith(f"{src}/huge.json (over max_json_bytes=5,000")
+    assert f"lone_surrogate first at {src}/surrogate.jsonl:2" in stdout
+    assert 10 <= len(complete) < 40  # the truncated file kept its records before the cut
+    # every good document, in file order (big.txt: its pieces, checked in the next test)
+    n_big = len(docs) - sum(len(v) for v in good.values())
+    before = [t for name in sorted(good) if name < "big.txt" for t in good[name]]
+    after = [t for name in sorted(good) if name > "big.txt" for t in good[name]]
+    assert docs[:len(before)] == [tf.normalize(t) for t in before]
+    assert docs[len(before) + n_big:] == [tf.normalize(t) for t in after]
+    assert stats["docs_in"] == stats["docs_out"] == len(docs)
+
+
+def test_text_file_is_cut_at_blank_lines_into_bounded_documents(robust):
+    _, good, paragraphs, _, _, docs, _, _ = robust
+    before = sum(len(v) for name, v in good.items() if name < "big.txt")
+    pieces = docs[before:before + len(docs) - sum(len(v) for v in good.values())]
+    assert len(pieces) >= sum(map(len, paragraphs)) / 2000 and all(len(p) <= 2000 for p in pieces)
+    assert "\n\n".join(pieces) == "\n\n".join(paragraphs)  # nothing lost, nothing repeated
+    assert all(set(p.split("\n\n")) <= set(paragraphs) for p in pieces)  # cut between paragraphs only
+
+
+def test_text_file_is_read_one_document_at_a_time(robust, tmp_path):
+    """A reader that takes the whole file before its first document would meet the invalid line at the end of this
+    5 MB file and count it; a streaming one stops after the --max_docs=2 documents, near the start."""
+    _, _, _, _, _, _, _, out = robust
+    with open(tmp_path / "big.txt", "wb") as f:
+        for i in range(50_000):
+            f.write(f"paragraph {i}: ".encode() + b"the tanuki walks along the river at night. " * 2 + b"\n\n")
+        f.write(b"an invalid byte \xff at the end\n")
+    assert os.path.getsize(tmp_path / "big.txt") > 5_000_000
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={tmp_path / 'big.txt'}",
+                             f"--out_dir={tmp_path / 'out'}", f"--tokenizer={out}", "--max_docs=2",
+                             "--unfiltered_sources=['big']", "--text_doc_chars=5000", "--balance_clusters=0"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["big"]
+    assert stats["docs_in"] == 2 and stats["bad_records"] == {} and 4000 < stats["chars_in"] <= 10_000
+
+
+def test_a_source_of_only_a_lone_surrogate_finishes(robust, tmp_path):
+    _, _, _, _, _, _, _, out = robust
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"text": "a lone \\ud800 surrogate"}\n')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={only}",
+                             f"--out_dir={tmp_path / 'out'}", f"--tokenizer={out}", "--num_proc=2"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)  # the timeout: a hang guard only
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["only"]
+    assert stats["bad_records"] == {"lone_surrogate": 1} and stats["docs_out"] == 0
+
+
+def test_missing_input_is_an_error_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--input=/missing/path/x.jsonl",
+                             f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)  # a hang guard
+    assert result.returncode != 0 and "/missing/path/x.jsonl" in result.stderr
+
+
+def test_a_document_that_makes_a_step_raise_is_counted_not_fatal(robust, tmp_path):
+    """No step should raise on a valid string, but if one does in a worker, that document is dropped and counted
+    (removed: clean: error_<type>) and the run goes on: a step that fails on "BOOM" is planted in textfilters."""
+    src, good, _, _, _, _, _, out = robust
+    (tmp_path / "boom.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                                 good["good.jsonl"] + ["BOOM " + good["one.json"][0]]))
+    plant = ("import runpy, sys, textfilters as tf\n"
+             "language = tf.detect_language\n"
+             "def detect(text):\n"
+             "    if text.startswith('BOOM'):\n"
+             "        raise ValueError('planted')\n"
+             "    return language(text)\n"
+             "tf.detect_language = detect\n"
+             "sys.argv = ['prepare_data.py'] + sys.argv[1:]\n"
+             "runpy.run_path('prepare_data.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", plant, f"--input={tmp_path / 'boom.jsonl'}",
+                             f"--out_dir={tmp_path / 'out'}", f"--tokenizer={out}", "--unfiltered_sources=['boom']",
+                             "--num_proc=2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["boom"]
+    assert stats["removed"] == {"clean": {"error_ValueError": 1}} and stats["docs_out"] == len(good["good.jsonl"])
