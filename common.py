@@ -89,11 +89,29 @@ def model_config_from(scope):
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python stage.py` is a world of one
 
+def set_cpu_threads():
+    """Give torch one intra-op thread per CPU core this process may run on (os.sched_getaffinity: taskset, a
+    cpuset or a container limit it to fewer than the machine has), shared among the ranks of this node under
+    torchrun (LOCAL_WORLD_SIZE). An explicit OMP_NUM_THREADS wins (torchrun sets 1 when it starts several processes,
+    unless set). Returns the count. Every torch stage calls it (setup_distributed; eval.py, upcycle.py, synth.py).
+    The count alone does not stop the slowdown beside a busy neighbour: GNU libgomp's threads spin at every barrier.
+    On 2 cores beside a loop of another job's tests, the tiny pretraining ran at 1.4-2.2k tok/s (14k idle); with
+    OMP_WAIT_POLICY=PASSIVE at 7.3-8.0k (12-13k idle), as fast as 1 thread (7.5-7.9k, 8k idle). libgomp reads the
+    policy when it loads, at `import torch`, too early for this function: speedrun.sh exports it."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS
+    threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def setup_distributed(device="auto", timeout_minutes=30, world_of_one=False):
     """Returns (rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU. The process-group timeout is a
     setting because collectives wait on the slowest rank: Tanuki's 8x8B checkpoint saves to slow storage hit the
     default 10 minutes and needed 30 (docs/recipe.md "What failed"). With world_of_one, a plain `python stage.py` gets a
     process group of one, so an FSDP stage has a single code path to read and test."""
+    set_cpu_threads()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import textfilters as tf
 from checkpoint import load_checkpoint
-from common import load_config, open_shards, read_tokens
+from common import load_config, open_shards, read_tokens, set_cpu_threads
 from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from tokenizer import render_chat, special_id, tokenizer_hash
 
@@ -279,6 +279,7 @@ def arena_ratings(records, anchor="", anchor_rating=1000.0, n_bootstrap=200, see
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
+    set_cpu_threads()  # as every torch stage: one thread per core this process may use (common.py)
     torch.manual_seed(seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,6 +9,10 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 PYTHON=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
+# torch's OpenMP (GNU libgomp) spins its threads at every barrier: on 2 cores beside a loop of another job's tests the
+# tiny pretraining fell from 14k tok/s to 1.4-2.2k; passive waiting keeps 7.3-8.0k there, at 12-13k idle. libgomp
+# reads this when torch loads, so it is set here, before any stage starts; a value of your own wins.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 now() { $PYTHON -c "import time; print(time.time())"; }
 

@@ -34,7 +34,7 @@ import time
 import concurrent.futures
 
 import textfilters as tf
-from common import append_jsonl, load_config, read_jsonl
+from common import append_jsonl, load_config, read_jsonl, set_cpu_threads
 from llm_api import chat_completion
 
 # -----------------------------------------------------------------------------
@@ -409,6 +409,7 @@ def local_results(todo):
 
     from checkpoint import load_checkpoint
     from tokenizer import render_chat, special_id
+    set_cpu_threads()  # as every torch stage: one thread per core this process may use (common.py)
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     net, enc, _ = load_checkpoint(init_from, device=dev)
     net.eval()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint
-from common import load_config
+from common import load_config, set_cpu_threads
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
@@ -50,6 +50,7 @@ config = load_config(globals())
 
 from safetensors import safe_open  # noqa: E402  (after the config: a typo fails before any import cost)
 
+set_cpu_threads()  # as every torch stage: one thread per core this process may use (common.py)
 t0 = time.time()
 with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
     dense_meta = json.load(f)

@@ -3,6 +3,7 @@ round-trip and survive a crash mid-write, the LR schedules hit their endpoints, 
 with gloo."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -189,3 +190,28 @@ def test_distributed_init_with_gloo_under_torchrun(tmp_path):
                           str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("all_reduce ok") == 1  # print0: rank 0 only
+
+
+THREADS_PROBE = """import json, os, sys
+sys.path.insert(0, {root!r})
+import torch, common  # libgomp has sized its pool from the whole affinity by now
+os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:{cores}]))  # as taskset or a cpuset would
+common.setup_distributed(device="cpu")
+print(json.dumps({{"threads": torch.get_num_threads()}}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 cores this process may use (Linux)")
+@pytest.mark.parametrize("cores,env,expected", [
+    (1, {}, 1),                                # the cores this process may use, not the machine's
+    (2, {"LOCAL_WORLD_SIZE": "2"}, 1),         # shared by the ranks of a node
+    (2, {"OMP_NUM_THREADS": "1"}, 1),          # a user's explicit count wins (the rule alone would give 2)
+])
+def test_stage_threads_follow_the_allowed_cores(cores, env, expected):
+    """common.set_cpu_threads, through setup_distributed as every torch stage reaches it."""
+    child_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", THREADS_PROBE.format(root=ROOT, cores=cores)], capture_output=True,
+                         text=True, timeout=120, env={**child_env, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["threads"] == expected
