@@ -16,8 +16,8 @@ Flow, per source: read (jsonl, json, parquet, text; .gz, .zst; directories; bad 
 Shards are raw little-endian token ids (uint16 when the vocab fits in 65,536), documents framed <|bos|> ... <|eos|>
 and concatenated. Memory stays flat in corpus size except for the dedup index, about 200 bytes per document kept
 by the filters: 14 LSH band hashes x 8 bytes (FineWeb's bands), its exact hash in a Python set (~70 bytes) and a
-cluster label (8 bytes); plus a fixed 32 MB line-count sketch. Disk: the cleaned text once more, in
-OUT_DIR/<source>/cleaned.jsonl while the run lasts.
+cluster label (8 bytes); plus the line counts, exact in at most repeated_line_memory_mb. Disk: the cleaned text
+once more, in OUT_DIR/<source>/cleaned.jsonl, and 8 bytes per line while the lines are counted.
 """
 
 import ast
@@ -62,6 +62,7 @@ languages = ["ja", "en", "code"]   # what detect_language must answer to keep a 
 unfiltered_sources = []
 thresholds = {}               # overrides of textfilters.THRESHOLDS by name, e.g. {"min_chars_ja": 200}
 repeated_line_min_docs = 100  # a line found in this many documents of one source is boilerplate (0: off)
+repeated_line_memory_mb = 256 # counting those lines exactly holds at most this much (spilled to disk, textfilters)
 minhash_ngram = 5             # FineWeb word 5-grams; Swallow character 5-grams
 minhash_bands = 14            # FineWeb: 14 bands x 8 rows, 50% merge probability at Jaccard ~0.72
 minhash_rows = 8
@@ -369,21 +370,14 @@ def batched(iterable, n):
 
 
 # -----------------------------------------------------------------------------
-# pass 1 per source: count each line's documents in a count-min sketch (2 rows x 2^22 counters, 32 MB, over-counts
-# only on collisions), so that lines repeated across many documents (site chrome) can be cut in pass 2
-
-SKETCH_BITS = 22
-sketch = np.zeros((2, 1 << SKETCH_BITS), np.uint32)
-
-
-def sketch_index(h):
-    mask = np.uint64((1 << SKETCH_BITS) - 1)
-    return (h & mask).astype(np.int64), ((h >> np.uint64(32)) & mask).astype(np.int64)
+# pass 1 per source: count each line's documents exactly (tf.repeated_hashes), so that lines repeated across many
+# documents (site chrome) can be cut in pass 2: the sorted hashes found in repeated_line_min_docs documents or more
+repeated_lines = np.zeros(0, np.uint64)
 
 
 def repeated(h):
-    i, j = sketch_index(np.uint64(h))
-    return min(sketch[0, i], sketch[1, j]) >= repeated_line_min_docs
+    i = np.searchsorted(repeated_lines, np.uint64(h))
+    return i < len(repeated_lines) and repeated_lines[i] == h
 
 
 def guarded(step, on_error):
@@ -435,14 +429,15 @@ for name in sources:
     if os.path.exists(os.path.join(out_dir, name, "rejects.jsonl")):  # rejects of an earlier run
         os.remove(os.path.join(out_dir, name, "rejects.jsonl"))
     s = stats[name]
-    sketch[:] = 0
     unfiltered = name in unfiltered_sources  # read by clean_batch in the workers forked below
     if repeated_line_min_docs:
         with ctx.Pool(num_proc) as pool:
-            for hashes in tqdm(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),
-                               desc=f"{name}: count lines", unit="batch"):
-                for row, idx in enumerate(sketch_index(np.concatenate(hashes))):
-                    np.add.at(sketch[row], idx, 1)  # add.at, not +=: a line seen in two documents counts twice
+            batches = tqdm(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),
+                           desc=f"{name}: count lines", unit="batch")
+            repeated_lines, n_lines = tf.repeated_hashes((h for b in batches for h in b), repeated_line_min_docs,
+                                                         os.path.join(out_dir, name, "line_counts.tmp"),
+                                                         repeated_line_memory_mb << 20)
+        s["line_counts"] = {"lines": n_lines, "repeated": len(repeated_lines), "exact": True}
     s.update(bad_records={}, bad_files={}, bad_examples={})  # pass 1 counted them; pass 2 reads the same bytes again
     with ctx.Pool(num_proc) as pool, open(os.path.join(out_dir, name, "cleaned.jsonl"), "w", encoding="utf-8") as f:
         docs = read_source(name)

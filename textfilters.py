@@ -5,6 +5,7 @@ because synth.py filters generated text with the same code (docs/design.md "Layo
     normalize(text)                               # NFKC, control characters out, ．，-> 。、 (Swallow)
     clean_lines(text, repeated=None)              # -> (text, lines dropped): boilerplate, ads, navigation
     line_hashes(text)                             # per-document unique line hashes, for cross-document counts
+    repeated_hashes(hash_arrays, min_docs, dir)   # the line hashes in >= min_docs documents: exact, bounded memory
     detect_language(text)                         # "ja" / "en" / "code" / "other" from script statistics
     quality_signals(text, lang) / filter_reason(signals, lang, thresholds)   # a reason string, or None
     units(text) / ngram_hashes(unit_hashes, n)    # CJK characters and words as units; rolling n-gram hashes
@@ -18,6 +19,7 @@ Every function is deterministic: no Python hash() (salted per process), numpy ge
 """
 
 import hashlib
+import os
 import re
 import unicodedata
 import zlib
@@ -106,6 +108,54 @@ def _line_hash(line):
 def line_hashes(text):
     """The unique 64-bit hashes of a document's non-empty lines, sorted (for counting lines across documents)."""
     return np.unique(np.array([_line_hash(line) for line in text.split("\n") if line.strip()], dtype=np.uint64))
+
+
+def repeated_hashes(hash_arrays, min_docs, spill_dir, memory_bytes=256 << 20, _shift=56):
+    """The sorted unique hashes that occur at least min_docs times in `hash_arrays` (an iterable of uint64 arrays:
+    each document's line_hashes, so a count is a number of documents), counted exactly in bounded memory. Hashes
+    are spilled to 256 files by their top 8 bits as they come (buffered); then each file is counted alone with
+    np.unique, and one larger than memory_bytes is split again by the next 8 bits. Memory: one partition, whatever the
+    corpus; disk: 8 bytes per line of the corpus, freed as each partition is counted. A count-min sketch of fixed
+    size saturated instead: 2 x 2^22 counters flagged 27% of never-repeated lines at 14M documents x 30 lines and
+    99.99% at 20M. Returns (hashes, lines counted)."""
+    os.makedirs(spill_dir, exist_ok=True)
+    paths = [os.path.join(spill_dir, f"part_{_shift}_{p:03d}.u64") for p in range(256)]
+    files = [open(p, "wb") for p in paths]
+    buffer, buffered, total = [], 0, 0
+
+    def flush():
+        h = np.concatenate(buffer) if buffer else np.zeros(0, np.uint64)
+        part = ((h >> np.uint64(_shift)) & np.uint64(255)).astype(np.int64)
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(257))
+        for p in np.flatnonzero(np.diff(bounds)):
+            h[order[bounds[p] : bounds[p + 1]]].tofile(files[p])
+        buffer.clear()
+
+    for h in hash_arrays:
+        buffer.append(np.asarray(h, np.uint64))
+        buffered += len(h)
+        total += len(h)
+        if buffered * 32 >= memory_bytes:  # the buffer, its sort order and the partition ids fit the budget
+            flush()
+            buffered = 0
+    flush()
+    for f in files:
+        f.close()
+    found, piece = [], max(8, memory_bytes // 32 * 8)  # bytes read at a time when a partition is split again
+    for path in paths:
+        size = os.path.getsize(path)
+        if size and _shift == 0:  # every higher bit was split on: the file is one hash, size // 8 times
+            found.append(np.fromfile(path, np.uint64, count=1)[: size // 8 >= min_docs])
+        elif size > memory_bytes:  # too large to count in memory: split it by the next 8 bits
+            pieces = (np.fromfile(path, np.uint64, count=piece // 8, offset=o) for o in range(0, size, piece))
+            found.append(repeated_hashes(pieces, min_docs, path + ".d", memory_bytes, _shift - 8)[0])
+        elif size:
+            values, counts = np.unique(np.fromfile(path, np.uint64), return_counts=True)
+            found.append(values[counts >= min_docs])
+        os.remove(path)
+    os.rmdir(spill_dir)
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, np.uint64), total
 
 
 def is_navigation(line):
