@@ -38,6 +38,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import dedup
 import textfilters as tf
 from common import load_config
 from tokenizer import encode_batch, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
@@ -62,7 +63,7 @@ languages = ["ja", "en", "code"]   # what detect_language must answer to keep a 
 unfiltered_sources = []
 thresholds = {}               # overrides of textfilters.THRESHOLDS by name, e.g. {"min_chars_ja": 200}
 repeated_line_min_docs = 100  # a line found in this many documents of one source is boilerplate (0: off)
-repeated_line_memory_mb = 256 # counting those lines exactly holds at most this much (spilled to disk, textfilters)
+repeated_line_memory_mb = 256 # counting those lines exactly holds at most this much (spilled to disk, dedup.py)
 minhash_ngram = 5             # FineWeb word 5-grams; Swallow character 5-grams
 minhash_bands = 14            # FineWeb: 14 bands x 8 rows, 50% merge probability at Jaccard ~0.72
 minhash_rows = 8
@@ -370,7 +371,7 @@ def batched(iterable, n):
 
 
 # -----------------------------------------------------------------------------
-# pass 1 per source: count each line's documents exactly (tf.repeated_hashes), so that lines repeated across many
+# pass 1 per source: count each line's documents exactly (dedup.repeated_hashes), so that lines repeated across many
 # documents (site chrome) can be cut in pass 2: the sorted hashes found in repeated_line_min_docs documents or more
 repeated_lines = np.zeros(0, np.uint64)
 
@@ -403,19 +404,19 @@ def clean_doc(doc):
     if not text.strip():
         return "clean", "empty_after_cleaning", lang, text, dropped, None
     if unfiltered:
-        return "filter", None, lang, text, dropped, tf.shingles(text, minhash_ngram, tf.units(text))
+        return "filter", None, lang, text, dropped, dedup.shingles(text, minhash_ngram, tf.units(text))
     if lang not in languages:
         return "language", lang, lang, text, dropped, None
     u = tf.units(text)  # shared by the repetition filters and the shingles
     reason = tf.filter_reason(tf.quality_signals(text, lang, TH["cjk_ngram_scale"], u), lang, TH)
-    return "filter", reason, lang, text, dropped, None if reason else tf.shingles(text, minhash_ngram, u)
+    return "filter", reason, lang, text, dropped, None if reason else dedup.shingles(text, minhash_ngram, u)
 
 
 def clean_batch(docs):
     out = [guarded(lambda: clean_doc(d), lambda e: ("clean", f"error_{type(e).__name__}", "unknown", d, 0, None))
            for d in docs]
     shingle_sets = [o[5] for o in out if o[5] is not None]
-    sigs = iter(tf.minhash(shingle_sets, minhash_bands * minhash_rows, seed))
+    sigs = iter(dedup.minhash(shingle_sets, minhash_bands * minhash_rows, seed))
     return [(step, reason, lang, text, dropped, next(sigs) if sh is not None else None)
             for step, reason, lang, text, dropped, sh in out]
 
@@ -434,7 +435,7 @@ for name in sources:
         with ctx.Pool(num_proc) as pool:
             batches = tqdm(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),
                            desc=f"{name}: count lines", unit="batch")
-            repeated_lines, n_lines = tf.repeated_hashes((h for b in batches for h in b), repeated_line_min_docs,
+            repeated_lines, n_lines = dedup.repeated_hashes((h for b in batches for h in b), repeated_line_min_docs,
                                                          os.path.join(out_dir, name, "line_counts.tmp"),
                                                          repeated_line_memory_mb << 20)
         s["line_counts"] = {"lines": n_lines, "repeated": len(repeated_lines), "exact": True}
@@ -455,7 +456,7 @@ for name in sources:
                 if reason is not None:
                     reject(name, step, reason, text)
                     continue
-                h = tf.exact_hash(text)
+                h = dedup.exact_hash(text)
                 if h in seen_exact:
                     reject(name, "exact_dedup", "exact_duplicate", text)
                     continue
@@ -463,7 +464,7 @@ for name in sources:
                 rows.append(sig)
                 f.write(json.dumps({"text": text, "lang": lang, "hash": h}, ensure_ascii=False) + "\n")
             if rows:
-                band_rows.append(tf.lsh_band_hashes(np.stack(rows), minhash_bands, minhash_rows))
+                band_rows.append(dedup.lsh_band_hashes(np.stack(rows), minhash_bands, minhash_rows))
                 if sig_file:
                     np.stack(rows).tofile(sig_file)
     n_cleaned[name] = sum(len(b) for b in band_rows) - sum(n_cleaned.values())
@@ -475,7 +476,7 @@ if sig_file:
     sig_file.close()
 if sig_file and len(bands):
     sigs = np.memmap(sig_file.name, np.uint32, "r", shape=(len(bands), minhash_bands * minhash_rows))
-labels = tf.duplicate_clusters(bands, sigs, minhash_threshold)
+labels = dedup.duplicate_clusters(bands, sigs, minhash_threshold)
 print(f"fuzzy dedup: {len(bands):,} documents, {int((labels != np.arange(len(bands))).sum()):,} near-duplicates "
       f"(bands x rows {minhash_bands} x {minhash_rows}: 50% merged at Jaccard "
       f"{(1 / minhash_bands) ** (1 / minhash_rows):.2f}; threshold {minhash_threshold or 'none'})")
@@ -618,7 +619,7 @@ for name in sources:
                     continue
                 s["docs_cut"] += bool(spans)  # kept, with the evaluation text cut out (decontam_mode="cut")
                 for i, terms in enumerate(probe_terms):
-                    if tf.terms_cooccur(text, terms, probe_window):
+                    if dedup.terms_cooccur(text, terms, probe_window):
                         probe_hits[i].append(text)
                 write(writers["val" if kept % val_every == 0 else "train"], ids)
                 kept += 1
@@ -639,7 +640,7 @@ for name in sources:
 # -----------------------------------------------------------------------------
 # report: stats.json and a table of what each step removed, per source
 
-probes = [tf.knowledge_frequency(probe_hits[i], terms, probe_window) for i, terms in enumerate(probe_terms)]
+probes = [dedup.knowledge_frequency(probe_hits[i], terms, probe_window) for i, terms in enumerate(probe_terms)]
 stats_all = {"config": config, "tokenizer_hash": tok_hash, "sources": stats, "probe": probes}
 with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
     json.dump(stats_all, f, indent=2, ensure_ascii=False)

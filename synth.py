@@ -33,6 +33,7 @@ import sysconfig
 import time
 import concurrent.futures
 
+import dedup
 import textfilters as tf
 from common import append_jsonl, load_config, read_jsonl, set_cpu_threads
 from llm_api import chat_completion
@@ -504,12 +505,12 @@ class Dedup:
         self.exact, self.bands = set(), set()
 
     def check_and_add(self, text, near):
-        h = tf.exact_hash(text)
+        h = dedup.exact_hash(text)
         if h in self.exact:
             return "exact_duplicate"
         bands = set()
         if near:
-            bands = set(enumerate(tf.lsh_band_hashes(tf.minhash([tf.shingles(text)]))[0].tolist()))
+            bands = set(enumerate(dedup.lsh_band_hashes(dedup.minhash([dedup.shingles(text)]))[0].tolist()))
             if bands & self.bands:
                 return "near_duplicate"
         self.exact.add(h)
@@ -539,9 +540,9 @@ if __name__ == "__main__":
     # from what was kept, so a duplicate of a sample written before a kill is still caught after it.
     kept, rejected = read_jsonl(paths["chat"]), read_jsonl(paths["rejected"])
     done = {r["id"] for r in kept} | {r["id"] for r in rejected}
-    dedup = Dedup()
+    seen = Dedup()
     for r in kept:
-        dedup.check_and_add(conversation_text(r["messages"]), near_dup and r["task"] in TEACHER_KINDS)
+        seen.check_and_add(conversation_text(r["messages"]), near_dup and r["task"] in TEACHER_KINDS)
     pool = load_passages(passages, max_passages) if set(kinds) & {"grounded", "rewrite", "translate"} else None
     counts = {"written": 0, "rejected": {}, "failed": {}, "already_done": len(done)}
     todo, build_errors = [], []
@@ -581,7 +582,7 @@ if __name__ == "__main__":
             else:
                 messages = [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         if reason is None:
-            reason = dedup.check_and_add(conversation_text(messages), near_dup and task["kind"] in TEACHER_KINDS)
+            reason = seen.check_and_add(conversation_text(messages), near_dup and task["kind"] in TEACHER_KINDS)
         record = {**base, "messages": messages, **({"answer": task["answer"]} if "answer" in task else {})}
         if reason:
             counts["rejected"][reason] = counts["rejected"].get(reason, 0) + 1

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import textfilters as tf  # noqa: E402
+import dedup  # noqa: E402
 
 try:
     from datasketch import MinHash, MinHashLSH
@@ -51,16 +51,16 @@ for i in range(pairs):
     texts += [sep.join(a), sep.join(b)]
 
 t0 = time.perf_counter()
-shingles = [tf.shingles(t) for t in texts]
+shingles = [dedup.shingles(t) for t in texts]
 t_shingle = time.perf_counter() - t0
 jaccard = np.array([len(np.intersect1d(x, y)) / len(np.union1d(x, y)) for x, y in zip(shingles[0::2], shingles[1::2])])
 
 # ours: signatures for all documents at once, band hashes, union-find
 t0 = time.perf_counter()
-sigs = tf.minhash(shingles, bands * rows)
+sigs = dedup.minhash(shingles, bands * rows)
 t_ours_sig = time.perf_counter() - t0
 t0 = time.perf_counter()
-labels = tf.duplicate_clusters(tf.lsh_band_hashes(sigs, bands, rows))
+labels = dedup.duplicate_clusters(dedup.lsh_band_hashes(sigs, bands, rows))
 t_ours_lsh = time.perf_counter() - t0
 ours = labels[0::2] == labels[1::2]
 
@@ -80,7 +80,7 @@ for i, m in enumerate(mhs):
         a.append(i)
         b.append(j)
     lsh.insert(i, m)
-ds_labels = tf.union_find(len(mhs), np.array(a, np.int64), np.array(b, np.int64))
+ds_labels = dedup.union_find(len(mhs), np.array(a, np.int64), np.array(b, np.int64))
 t_ds_lsh = time.perf_counter() - t0
 theirs = ds_labels[0::2] == ds_labels[1::2]
 

@@ -12,6 +12,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dedup  # noqa: E402
 import textfilters as tf  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
@@ -44,10 +45,10 @@ def test_minhash_lsh_s_curve_on_planted_pairs():
     for lang in ("en", "ja"):
         for _ in range(600):
             a, b = planted_pair(rng, lang)
-            sa, sb = tf.shingles(a), tf.shingles(b)
+            sa, sb = dedup.shingles(a), dedup.shingles(b)
             truth.append((lang, len(np.intersect1d(sa, sb)) / len(np.union1d(sa, sb))))
             docs += [sa, sb]
-    labels = tf.duplicate_clusters(tf.lsh_band_hashes(tf.minhash(docs, bands * rows), bands, rows))
+    labels = dedup.duplicate_clusters(dedup.lsh_band_hashes(dedup.minhash(docs, bands * rows), bands, rows))
     merged = labels[0::2] == labels[1::2]
     assert len(np.unique(labels)) >= len(truth)  # no pair was merged with another pair
     s = np.array([j for _, j in truth])
@@ -59,8 +60,8 @@ def test_minhash_lsh_s_curve_on_planted_pairs():
             print(f"  [{lo:.1f}, {lo + 0.1:.1f})  {inside.sum():6d}  {merged[inside].mean():6.3f}  "
                   f"{expected.mean():6.3f}")
     # with a Jaccard threshold on the candidates' signatures, the tail of the S-curve below it is cut
-    sigs = tf.minhash(docs, bands * rows)
-    strict = tf.duplicate_clusters(tf.lsh_band_hashes(sigs, bands, rows), sigs, threshold=0.8)
+    sigs = dedup.minhash(docs, bands * rows)
+    strict = dedup.duplicate_clusters(dedup.lsh_band_hashes(sigs, bands, rows), sigs, threshold=0.8)
     strict = strict[0::2] == strict[1::2]
     print(f"threshold 0.8: merged {strict[s < 0.7].mean():.3f} below Jaccard 0.7, {strict[s >= 0.9].mean():.3f} "
           f"at >= 0.9")
@@ -76,10 +77,10 @@ def test_minhash_lsh_s_curve_on_planted_pairs():
 def test_exact_duplicates_always_collide():
     text = "\n\n".join(EN[:3])
     variant = "  " + text.upper().replace(" ", "   ") + "\n"
-    assert tf.exact_hash(text) == tf.exact_hash(variant)
-    assert tf.exact_hash(text) != tf.exact_hash(text + " more")
-    sigs = tf.minhash([tf.shingles(t) for t in [text, variant, "\n\n".join(JA[:2])]])
-    labels = tf.duplicate_clusters(tf.lsh_band_hashes(sigs))
+    assert dedup.exact_hash(text) == dedup.exact_hash(variant)
+    assert dedup.exact_hash(text) != dedup.exact_hash(text + " more")
+    sigs = dedup.minhash([dedup.shingles(t) for t in [text, variant, "\n\n".join(JA[:2])]])
+    labels = dedup.duplicate_clusters(dedup.lsh_band_hashes(sigs))
     assert labels.tolist() == [0, 0, 2]
 
 
@@ -97,11 +98,11 @@ def test_union_find_matches_a_reference():
             rx, ry = find(x), find(y)
             parent[max(rx, ry)] = min(rx, ry)
         expected = [min(i for i in range(n) if find(i) == find(j)) for j in range(n)] if n <= 500 else None
-        labels = tf.union_find(n, a, b)
+        labels = dedup.union_find(n, a, b)
         if expected is not None:
             assert labels.tolist() == expected
         assert all(labels[x] == labels[y] for x, y in zip(a, b))
-    chain = tf.union_find(10_000, np.arange(9_999, 0, -1), np.arange(9_998, -1, -1))  # a long chain, reversed
+    chain = dedup.union_find(10_000, np.arange(9_999, 0, -1), np.arange(9_998, -1, -1))  # a long chain, reversed
     assert (chain == 0).all()
 
 
@@ -189,7 +190,7 @@ def test_knowledge_frequency_counts_copies_once():
     fact = "タヌキはため糞と呼ばれる習性を持ち、決まった場所に糞をする。"
     copies = [JA[1] + fact + JA[2]] * 3 + [JA[1] + fact + JA[2] + "。"]
     others = [JA[5] + "タヌキの話。" + JA[6] + "ため糞" , JA[7] + "ため糞をするのはタヌキだけではない。" + JA[8]]
-    result = tf.knowledge_frequency(copies + others + EN, ["タヌキ", "ため糞"], window=50)
+    result = dedup.knowledge_frequency(copies + others + EN, ["タヌキ", "ため糞"], window=50)
     assert result["documents"] == 5 and result["distinct"] == 2, result
 
 
@@ -208,7 +209,7 @@ def test_repeated_line_counts_are_exact_in_bounded_memory(tmp_path):
             yield np.unique(np.append(lines, chrome[i // 4 % 40]) if i % 4 == 0 else lines)
 
     tracemalloc.start()
-    found, n_lines = tf.repeated_hashes(documents(), 100, str(tmp_path / "spill"), 1 << 20)
+    found, n_lines = dedup.repeated_hashes(documents(), 100, str(tmp_path / "spill"), 1 << 20)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert n_lines == 200_000 * 30 + 50_000
@@ -224,5 +225,5 @@ def test_repeated_line_counts_split_a_partition_too_large_for_memory(tmp_path):
     at_99, at_100, everywhere = rng.integers(0, 2**63, 3, dtype=np.uint64)
     docs = [np.unique(np.append(rng.integers(0, 2**63, 3, dtype=np.uint64), everywhere)) for _ in range(5000)]
     docs += [np.array([at_99])] * 99 + [np.array([at_100])] * 100
-    found, n_lines = tf.repeated_hashes(iter(docs), 100, str(tmp_path / "spill"), 4096)
+    found, n_lines = dedup.repeated_hashes(iter(docs), 100, str(tmp_path / "spill"), 4096)
     assert found.tolist() == sorted([int(at_100), int(everywhere)]) and n_lines == 5000 * 4 + 199
