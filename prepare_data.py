@@ -22,15 +22,11 @@ once more, in OUT_DIR/<source>/cleaned.jsonl, and 8 bytes per line while the lin
 
 import ast
 import datetime
-import gzip
-import importlib.util
-import io
 import itertools
 import json
 import multiprocessing as mp
 import os
 import random
-import re
 import sys
 import sysconfig
 import time
@@ -38,6 +34,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import corpus
 import dedup
 import textfilters as tf
 from common import load_config
@@ -102,7 +99,7 @@ if set(unfiltered_sources) - set(sources):
     sys.exit(f"unfiltered_sources {sorted(set(unfiltered_sources) - set(sources))} are not sources: {sorted(sources)}")
 os.makedirs(out_dir, exist_ok=True)
 ctx = mp.get_context("fork")  # workers inherit the settings, sketch and indexes set below without pickling them
-stats = {name: {"docs_in": 0, "chars_in": 0, "bad_records": {}, "bad_files": {}, "bad_examples": {}, "lines_removed": 0,
+stats = {name: {"docs_in": 0, "chars_in": 0, **corpus.new_counts(), "lines_removed": 0,
                 "removed": {}, "docs_cut": 0, "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
 
 
@@ -116,123 +113,6 @@ def reject(name, step, reason, text):
     if write_rejects:
         with open(os.path.join(out_dir, name, "rejects.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# reading: files -> documents. A bad record (a line, array item or row) or a bad file is counted by reason in
-# stats.json (bad_records / bad_files, the first places as file:line in bad_examples) and skipped: never a crash,
-# never a silent loss. Bytes that are not valid UTF-8 and JSON's lone surrogates ("\ud800") skip their record rather
-# than become U+FFFD: such text comes from a broken converter or a wrong encoding (Shift_JIS read as UTF-8), and
-# mojibake is worse training data than a lost document.
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def bad(s, reason, where, kind="bad_records"):
-    count(s[kind], reason)
-    examples = s["bad_examples"].setdefault(reason, [])
-    if len(examples) < 5:
-        examples.append(where)
-
-
-def open_binary(path):
-    if path.endswith(".zst"):
-        try:
-            from compression import zstd  # the standard library from Python 3.14
-            return zstd.open(path, "rb")
-        except ImportError:
-            import zstandard  # optional: older Pythons need the package (checked in source_files)
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def read_lines(f, path, s, at):
-    """Yield the decoded lines of a binary stream, at[0] the line number; a line over max_line_bytes or not valid
-    UTF-8 is counted and skipped (read in bounded pieces, so a 10 GB line never sits in memory)."""
-    while raw := f.readline(max_line_bytes + 1):
-        at[0] += 1
-        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-            while raw and not raw.endswith(b"\n"):  # skip the rest of the line
-                raw = f.readline(max_line_bytes)
-            bad(s, "line_too_long", f"{path}:{at[0]}")
-            continue
-        try:
-            line = raw.decode("utf-8-sig" if at[0] == 1 else "utf-8")  # a byte-order mark is not text
-        except UnicodeDecodeError:
-            bad(s, "invalid_utf8", f"{path}:{at[0]}")
-            continue
-        yield line
-
-
-def record_text(value, where, s, parse=True):
-    """The document of one JSON record: its text_field, or the record itself if a string; None if bad (counted)."""
-    try:
-        value = json.loads(value) if parse else value
-    except json.JSONDecodeError:
-        return bad(s, "broken_json", where)
-    except RecursionError:  # valid JSON nested too deep for the parser, e.g. "[" * 100000
-        return bad(s, "nested_too_deep", where)
-    text = value.get(text_field) if isinstance(value, dict) else value
-    if not isinstance(text, str):
-        return bad(s, "missing_field", where)
-    if SURROGATE.search(text):  # valid JSON, not valid Unicode: every later step would fail on it
-        return bad(s, "lone_surrogate", where)
-    return text
-
-
-def json_docs(f, path, s):
-    """A .json file is one JSON value: an array of records (or strings), or one record. The standard library parses
-    it whole, so it is held to max_json_bytes (3-5x that in memory while parsed); a larger one is a bad file."""
-    raw = f.read(max_json_bytes + 1)
-    if len(raw) > max_json_bytes:
-        return bad(s, "json_too_large", f"{path} (over max_json_bytes={max_json_bytes:,}: make it JSONL)", "bad_files")
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # broken JSON or invalid UTF-8 (both ValueErrors), or too deep
-        return bad(s, "broken_json", f"{path} ({type(e).__name__}: {str(e)[:100]})", "bad_files")
-    del raw
-    for i, item in enumerate(value if isinstance(value, list) else [value]):
-        if (text := record_text(item, f"{path}[{i}]", s, parse=False)) is not None:
-            yield text
-
-
-def text_docs(lines):
-    """Plain text, streamed: a file is one document (an article, a code file), but one longer than text_doc_chars
-    is cut at its last blank line within that size (at a line end if a paragraph is longer), so a file of any size
-    is read one bounded document at a time."""
-    buf, size, cut = [], 0, 0  # cut: the number of lines up to and with the last blank one in buf
-    for line in lines:
-        if buf and size + len(line) > text_doc_chars:
-            k = cut or len(buf)
-            yield "".join(buf[:k])
-            buf, cut = buf[k:], 0
-            size = sum(map(len, buf))
-        buf.append(line)
-        size += len(line)
-        cut = len(buf) if not line.strip() else cut
-    if buf:
-        yield "".join(buf)
-
-
-def file_docs(path, s, at):
-    """Documents of one file, the reader chosen by the file's own extension (after .gz / .zst): .jsonl / .ndjson a
-    JSON record per line, .json one JSON value, .parquet the text_field column, anything else plain text."""
-    ext = os.path.splitext(path.removesuffix(".gz").removesuffix(".zst"))[1].lower()
-    if ext == ".parquet":
-        import pyarrow.parquet as pq  # optional: checked in source_files
-        for at[0], text in enumerate((t for b in pq.ParquetFile(path).iter_batches(columns=[text_field])
-                                      for t in b.column(0).to_pylist()), 1):
-            if (text := record_text(text, f"{path}:{at[0]}", s, parse=False)) is not None:
-                yield text
-        return
-    with open_binary(path) as f:
-        if ext == ".json":
-            yield from json_docs(f, path, s)
-        elif ext in (".jsonl", ".ndjson"):
-            for line in filter(str.strip, read_lines(f, path, s, at)):
-                if (text := record_text(line, f"{path}:{at[0]}", s)) is not None:
-                    yield text
-        else:
-            yield from (doc for doc in text_docs(read_lines(f, path, s, at)) if doc.strip())
 
 
 def stdlib_files():
@@ -312,52 +192,26 @@ def ja_template_docs(n):
         yield "\n".join("".join(sentences[a:b]) for a, b in zip([0] + cuts, cuts + [len(sentences)]))
 
 
-def source_files(name):
-    """The files of a source, sorted, listed before any work starts: a missing path, or a format whose optional
-    module is not installed, is an error now (later, in a pool's feeder thread, it would hang the run)."""
-    if sources[name].startswith("builtin:"):
-        return []
-    paths = []
-    for path in sources[name].split(","):
-        if not os.path.exists(path):
-            sys.exit(f"source {name}: no such file or directory: {path}")
-        paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
-    parquet, zst = (next((p for p in paths if p.endswith(ext)), None) for ext in (".parquet", ".zst"))
-    if parquet and not importlib.util.find_spec("pyarrow"):
-        sys.exit(f"{parquet}: reading parquet needs `pip install pyarrow`")
-    if zst and sys.version_info < (3, 14) and not importlib.util.find_spec("zstandard"):
-        sys.exit(f"{zst}: reading .zst needs Python >= 3.14 or `pip install zstandard`")
-    return paths
-
-
-file_lists = {name: source_files(name) for name in sources}
+# every source's files listed, and every input checked, before any work (corpus.py: readers by extension, bad
+# records and files counted by reason with their place in stats.json and skipped)
+limits = {"text_field": text_field, "max_line_bytes": max_line_bytes, "text_doc_chars": text_doc_chars,
+          "max_json_bytes": max_json_bytes}
+file_lists = {name: [] if spec.startswith("builtin:") else corpus.list_files(spec, f"source {name}")
+              for name, spec in sources.items()}
 for path in filter(None, decontam_files.split(",")):
     if not os.path.isfile(path):
         sys.exit(f"decontam_files: no such file: {path}")
 
 
 def read_source(name):
-    """All documents of a source in a fixed order (files sorted). A file that fails part way (a truncated .gz / .zst,
-    a read error) is a bad file, and the documents read before the failure are kept."""
+    """All documents of a source in a fixed order (files sorted), the first max_docs of them."""
     s, spec = stats[name], sources[name]
     if spec.startswith("builtin:"):
         kind = spec[len("builtin:"):]
         docs = {"stdlib_docs": lambda: stdlib_docs(False), "stdlib_code": lambda: stdlib_docs(True),
                 "ja_templates": lambda: ja_template_docs(builtin_ja_docs)}[kind]()
     else:
-        def walk():
-            for path in file_lists[name]:
-                at = [0]  # the line (parquet: row) reached
-                try:
-                    if os.path.getsize(path) == 0:
-                        bad(s, "empty_file", path, "bad_files")
-                        continue
-                    yield from file_docs(path, s, at)
-                except EOFError:  # a truncated .gz / .zst
-                    bad(s, "truncated", f"{path}:{at[0]}", "bad_files")
-                except Exception as e:  # noqa: BLE001  permissions, corrupt data, ...: one file never ends the run
-                    bad(s, "unreadable_file", f"{path}:{at[0]} ({type(e).__name__}: {str(e)[:100]})", "bad_files")
-        docs = walk()
+        docs = corpus.read_files(file_lists[name], s, limits)
     for i, doc in enumerate(docs):
         if max_docs and i >= max_docs:
             return
@@ -439,7 +293,7 @@ for name in sources:
                                                          os.path.join(out_dir, name, "line_counts.tmp"),
                                                          repeated_line_memory_mb << 20)
         s["line_counts"] = {"lines": n_lines, "repeated": len(repeated_lines), "exact": True}
-    s.update(bad_records={}, bad_files={}, bad_examples={})  # pass 1 counted them; pass 2 reads the same bytes again
+    s.update(corpus.new_counts())  # pass 1 counted them; pass 2 reads the same bytes again
     with ctx.Pool(num_proc) as pool, open(os.path.join(out_dir, name, "cleaned.jsonl"), "w", encoding="utf-8") as f:
         docs = read_source(name)
 

@@ -263,28 +263,22 @@ def save_hf_tokenizer(enc, directory, model_max_length=4096):
 
 if __name__ == "__main__":
     # python tokenizer.py --input=DIR_OR_FILE[,...] --vocab_size=N --out_dir=DIR
-    # Trains on the text files found (.txt .md .py .jsonl .rst), holding every 100th file out to report
-    # characters per token; prepare_data.py calls train_tokenizer itself on a sample of the cleaned corpus.
+    # Trains on the documents of the files found (.txt .md .py .rst as text, .jsonl / .json by their "text" field,
+    # read as prepare_data.py reads them: corpus.py), holding every 100th file out to report characters per token;
+    # prepare_data.py calls train_tokenizer itself on a sample of the cleaned corpus.
     import sys
     from common import load_config
+    from corpus import list_files, new_counts, read_files
     input, vocab_size, out_dir, max_chars = "", 4096, "out/tokenizer", 50_000_000  # noqa: A001
     load_config(globals(), sys.argv[1:])
-    files = []
-    for path in filter(None, input.split(",")):
-        if os.path.isdir(path):
-            files += sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                            if f.endswith((".txt", ".md", ".py", ".jsonl", ".rst")))
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            sys.exit(f"--input: no such file or directory: {path}")
+    files = input and [p for p in list_files(input, "--input") if p.endswith((".txt", ".md", ".py", ".rst", ".jsonl",
+                                                                              ".json"))]
     if not files:
         sys.exit("no text files found: pass --input=DIR_OR_FILE[,...]")
+    counts = new_counts()
     def read(paths):
         total = 0
-        for p in paths:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+        for text in read_files(paths, counts):
             total += len(text)
             if total > max_chars:
                 return
@@ -293,5 +287,7 @@ if __name__ == "__main__":
     enc = train_tokenizer(read(train or files), vocab_size)
     save_tokenizer(enc, out_dir)
     sample = "".join(read(held_out))
+    print(f"skipped as bad input: {counts['bad_records']} records, {counts['bad_files']} files" if
+          counts["bad_records"] or counts["bad_files"] else "no bad input")
     print(f"saved to {out_dir}: {enc.n_vocab:,} ids; held-out {len(held_out)} files: "
           f"{len(sample) / max(1, len(enc.encode_ordinary(sample))):.2f} characters per token")
