@@ -215,6 +215,9 @@ def open_shards(data_dir, source, split, tokenizer_hash, min_tokens=1):
         found = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "meta.json"))) \
             if os.path.isdir(data_dir) else []
         raise SystemExit(f"data source '{source}' not found: no directory {where} (sources in {data_dir}: {found})")
+    if not os.path.isfile(os.path.join(data_dir, "stats.json")):  # prepare_data.py writes it last
+        raise SystemExit(f"{data_dir} is incomplete: no stats.json, which prepare_data.py writes when it has finished "
+                         f"(was it interrupted? run it again)")
     if not os.path.isfile(meta_path):
         raise SystemExit(f"{meta_path} is missing: was prepare_data.py interrupted?")
     with open(meta_path, encoding="utf-8") as f:

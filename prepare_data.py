@@ -98,6 +98,9 @@ if input:
 if set(unfiltered_sources) - set(sources):
     sys.exit(f"unfiltered_sources {sorted(set(unfiltered_sources) - set(sources))} are not sources: {sorted(sources)}")
 os.makedirs(out_dir, exist_ok=True)
+# stats.json is written last: a data dir without it is incomplete, and train.py / eval.py refuse it (common.open_shards)
+if os.path.exists(os.path.join(out_dir, "stats.json")):  # an earlier run's: this one is incomplete until it ends
+    os.remove(os.path.join(out_dir, "stats.json"))
 ctx = mp.get_context("fork")  # workers inherit the settings, sketch and indexes set below without pickling them
 stats = {name: {"docs_in": 0, "chars_in": 0, **corpus.new_counts(), "lines_removed": 0,
                 "removed": {}, "docs_cut": 0, "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
@@ -496,8 +499,9 @@ for name in sources:
 
 probes = [dedup.knowledge_frequency(probe_hits[i], terms, probe_window) for i, terms in enumerate(probe_terms)]
 stats_all = {"config": config, "tokenizer_hash": tok_hash, "sources": stats, "probe": probes}
-with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
+with open(os.path.join(out_dir, "stats.json.tmp"), "w", encoding="utf-8") as f:
     json.dump(stats_all, f, indent=2, ensure_ascii=False)
+os.replace(os.path.join(out_dir, "stats.json.tmp"), os.path.join(out_dir, "stats.json"))  # the data dir is complete
 steps = ["clean", "language", "filter", "exact_dedup", "fuzzy_dedup", "decontaminate", "balance"]
 header = ["source", "docs in", "chars in", "bad input"] + steps + ["docs out", "tokens out"]
 rows = [[name, s["docs_in"], s["chars_in"], sum(s["bad_records"].values()) + sum(s["bad_files"].values())]

@@ -237,6 +237,8 @@ def test_eval_end_to_end_fills_every_section(tmp_path, enc):
     for name in ("ja", "en"):
         text = open(os.path.join(DATA, f"{name}_sample.txt"), encoding="utf-8").read()
         write_source(data_dir, name, enc, [p for p in text.split("\n") if p.strip()])
+    with open(os.path.join(data_dir, "stats.json"), "w") as f:  # prepare_data.py's last file: the dir is complete
+        f.write("{}")
     subprocess.run([sys.executable, "synth.py", f"--out_dir={synth_dir}", "--num_samples=25"], cwd=ROOT, check=True,
                    capture_output=True)
     arena = tmp_path / "arena.jsonl"

@@ -60,6 +60,7 @@ def data_dir(tmp_path_factory):
         Path(stdlib, f"{m}.py").read_text(encoding="utf-8") for m in STDLIB_MODULES]
     write_source(directory, "ja", enc, ja[2:] * 4, ja[:2] * 4, shard_tokens=1500)
     write_source(directory, "en", enc, en[2:], en[:2] * 4, shard_tokens=100_000)
+    Path(directory, "stats.json").write_text("{}")  # prepare_data.py's last file: the data dir is complete
     return directory
 
 
@@ -253,6 +254,9 @@ def test_broken_data_fails_at_start_up_naming_the_file(tmp_path, data_dir):
     (broken / "ja" / "meta.json").unlink()
     out = train(tmp_path / "out", broken, *SMALL, "--mixture={'ja': 1.0}", expect_fail=True)
     assert "ja/meta.json is missing" in out.stderr
+    (broken / "stats.json").unlink()  # prepare_data.py did not finish: every source is refused, whole as it looks
+    with pytest.raises(SystemExit, match="incomplete: no stats.json"):
+        common.open_shards(str(broken), "en", "train", enc_hash)
 
 
 def test_unknown_config_key_fails_at_start_up(tmp_path, data_dir):
