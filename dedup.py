@@ -15,6 +15,7 @@ Every function is deterministic: no Python hash() (salted per process), numpy ge
 import hashlib
 import os
 import re
+import shutil
 
 import numpy as np
 
@@ -132,7 +133,8 @@ def repeated_hashes(hash_arrays, min_docs, spill_dir, memory_bytes=256 << 20, _s
     corpus; disk: 8 bytes per line of the corpus, freed as each partition is counted. A count-min sketch of fixed
     size saturated instead: 2 x 2^22 counters flagged 27% of never-repeated lines at 14M documents x 30 lines and
     99.99% at 20M. Returns (hashes, lines counted)."""
-    os.makedirs(spill_dir, exist_ok=True)
+    shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed run left: ours alone, and stale
+    os.makedirs(spill_dir)
     paths = [os.path.join(spill_dir, f"part_{_shift}_{p:03d}.u64") for p in range(256)]
     files = [open(p, "wb") for p in paths]
     buffer, buffered, total = [], 0, 0

@@ -27,6 +27,7 @@ answers before and after training (summary.json).
 """
 
 import concurrent.futures
+import functools
 import glob
 import json
 import math
@@ -395,14 +396,17 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
 
     rows_per_rank = batch_size // world_size
 
+    @functools.lru_cache(maxsize=2)  # the epoch being read and the next: a batch may run on into it
+    def epoch_order(epoch):
+        return np.random.default_rng([seed, round_index, epoch]).permutation(len(train_data))
+
     def next_batch(loader):
         """The next global batch of train_data, the same on every rank, from loader = [epoch, cursor] (advanced):
         each epoch a fresh permutation, and a batch runs on into the next epoch where one ends."""
         batch = []
         while len(batch) < batch_size:
             epoch, cursor = loader
-            order = np.random.default_rng([seed, round_index, epoch]).permutation(len(train_data))
-            batch.append(train_data[order[cursor]])
+            batch.append(train_data[epoch_order(epoch)[cursor]])
             loader[:] = [epoch + 1, 0] if cursor + 1 == len(train_data) else [epoch, cursor + 1]
         return batch
 

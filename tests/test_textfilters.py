@@ -214,7 +214,7 @@ def test_repeated_line_counts_are_exact_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert n_lines == 200_000 * 30 + 50_000
     assert np.array_equal(found, np.sort(chrome))
-    assert peak < 4 << 20, peak
+    assert peak < 8 << 20, peak  # the lines are 48 MB: a count held in memory would hold them all
     assert not os.path.exists(tmp_path / "spill")  # the spill files are gone
 
 
@@ -225,5 +225,8 @@ def test_repeated_line_counts_split_a_partition_too_large_for_memory(tmp_path):
     at_99, at_100, everywhere = rng.integers(0, 2**63, 3, dtype=np.uint64)
     docs = [np.unique(np.append(rng.integers(0, 2**63, 3, dtype=np.uint64), everywhere)) for _ in range(5000)]
     docs += [np.array([at_99])] * 99 + [np.array([at_100])] * 100
+    stale = tmp_path / "spill" / "part_56_000.u64.d"  # a kill -9 mid-count left a split partition behind
+    stale.mkdir(parents=True)
+    (stale / "part_48_007.u64").write_bytes(np.array([at_99] * 500, np.uint64).tobytes())
     found, n_lines = dedup.repeated_hashes(iter(docs), 100, str(tmp_path / "spill"), 4096)
     assert found.tolist() == sorted([int(at_100), int(everywhere)]) and n_lines == 5000 * 4 + 199
