@@ -7,15 +7,23 @@ document per file, cut at blank lines past text_doc_chars). A directory is walke
     list_files(paths)                      # the sorted files under comma-separated paths; a missing one is an error
     read_files(paths, counts, limits)      # their documents, in order; bad records and files counted in `counts`
     new_counts()                           # {"bad_records", "bad_files", "bad_examples"}: what read_files fills in
+    share(n, rank, world_size, sizes)      # a rank's contiguous share of the files (prepare_data.py under torchrun)
+    builtin_docs(kind)                     # built-in sources (stdlib prose and code, Japanese templates): no download
 """
 
+import ast
+import datetime
 import gzip
 import importlib.util
 import io
 import json
 import os
+import random
 import re
 import sys
+import sysconfig
+
+import numpy as np
 
 # the settings the readers need, prepare_data.py's defaults (each a config key there)
 LIMITS = {"text_field": "text", "max_line_bytes": 10_000_000, "text_doc_chars": 200_000, "max_json_bytes": 100_000_000}
@@ -40,6 +48,15 @@ def list_files(spec, name="input"):
     if zst and sys.version_info < (3, 14) and not importlib.util.find_spec("zstandard"):
         sys.exit(f"{zst}: reading .zst needs Python >= 3.14 or `pip install zstandard`")
     return paths
+
+
+def share(n, rank, world_size, sizes=None):
+    """A rank's contiguous range [lo, hi) of n items (a source's files, sorted): by the items' sizes (files by
+    bytes), or by count. Contiguous ranges in rank order keep the corpus's order: rank 0's documents, then rank 1's."""
+    sizes = np.ones(n) if sizes is None or not sum(sizes) else np.asarray(sizes, float)
+    middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # an item goes to the rank its middle byte falls in
+    owner = np.minimum((middle * world_size).astype(int), world_size - 1)
+    return int(np.searchsorted(owner, rank)), int(np.searchsorted(owner, rank, side="right"))
 
 
 # -----------------------------------------------------------------------------
@@ -175,3 +192,94 @@ def read_files(paths, counts, limits=LIMITS):
             bad(counts, "truncated", f"{path}:{at[0]}", "bad_files")
         except Exception as e:  # noqa: BLE001  permissions, corrupt data, ...: one file never ends the run
             bad(counts, "unreadable_file", f"{path}:{at[0]} ({type(e).__name__}: {str(e)[:100]})", "bad_files")
+
+
+# -----------------------------------------------------------------------------
+# built-in sources: text on every machine, for the tiny pipeline (nothing is downloaded)
+
+def stdlib_files():
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in skip)  # sorted in place: os.walk's order is the file system's
+        yield from (os.path.join(d, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def stdlib_docs(code):
+    """The Python standard library on disk: each module's source (code) or its docstrings joined (English prose)."""
+    for path in stdlib_files():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            source = f.read()
+        if code:
+            yield source
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # one document per file, always: ranks share the files by their place in the list
+            yield ""
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        yield "\n\n".join(filter(None, (ast.get_docstring(n) for n in nodes)))
+
+
+# A small Japanese source generated from templates, because a fresh machine has no Japanese text. It is honest
+# about what it is: fluent, grammatical sentences whose facts are true (prefectural capitals, calendar dates,
+# arithmetic) or plainly about made-up people; it teaches script and grammar, not the world.
+PREFECTURES = ("北海道:札幌市 青森県:青森市 岩手県:盛岡市 宮城県:仙台市 秋田県:秋田市 山形県:山形市 福島県:福島市 "
+               "茨城県:水戸市 栃木県:宇都宮市 群馬県:前橋市 埼玉県:さいたま市 千葉県:千葉市 東京都:新宿区 "
+               "神奈川県:横浜市 新潟県:新潟市 富山県:富山市 石川県:金沢市 福井県:福井市 山梨県:甲府市 長野県:長野市 "
+               "岐阜県:岐阜市 静岡県:静岡市 愛知県:名古屋市 三重県:津市 滋賀県:大津市 京都府:京都市 大阪府:大阪市 "
+               "兵庫県:神戸市 奈良県:奈良市 和歌山県:和歌山市 鳥取県:鳥取市 島根県:松江市 岡山県:岡山市 広島県:広島市 "
+               "山口県:山口市 徳島県:徳島市 香川県:高松市 愛媛県:松山市 高知県:高知市 福岡県:福岡市 佐賀県:佐賀市 "
+               "長崎県:長崎市 熊本県:熊本市 大分県:大分市 宮崎県:宮崎市 鹿児島県:鹿児島市 沖縄県:那覇市").split()
+NAMES = "佐藤 鈴木 高橋 田中 伊藤 渡辺 山本 中村 小林 加藤 吉田 山田 佐々木 松本 井上 木村".split()
+FOODS = "カレーライス ラーメン おにぎり 焼き魚 うどん そば 天ぷら 味噌汁 寿司 肉じゃが".split()
+THINGS = "りんご みかん 鉛筆 ノート 切手 ビー玉 クッキー 折り紙".split()
+WEEKDAYS = "月火水木金土日"
+TEMPLATES = [
+    lambda r, p, c: f"{p}の{p[-1]}庁所在地は{c}です。",
+    lambda r, p, c: f"{r.choice(NAMES)}さんは{p}に住んでいて、毎朝{r.randint(10, 59)}分かけて{c}の職場まで通っています。",
+    lambda r, p, c: f"{r.choice(NAMES)}さんは{r.choice(FOODS)}が好きで、週に{r.randint(2, 5)}回は食べるそうです。",
+    lambda r, p, c: (lambda a, b, t: f"{r.choice(NAMES)}さんは{t}を{a}個持っていました。友だちから{b}個もらったので、"
+                     f"全部で{a + b}個になりました。")(r.randint(2, 40), r.randint(2, 40), r.choice(THINGS)),
+    lambda r, p, c: (lambda a, b: f"{a}に{b}を足すと{a + b}になり、{a}から{b}を引くと{a - b}になります。")(
+        r.randint(50, 999), r.randint(1, 49)),
+    lambda r, p, c: (lambda a, b: f"{a}かける{b}は{a * b}なので、{a * b}を{b}で割ると{a}に戻ります。")(
+        r.randint(2, 99), r.randint(2, 19)),
+    lambda r, p, c: (lambda d: f"{d.year}年{d.month}月{d.day}日は{WEEKDAYS[d.weekday()]}曜日でした。")(
+        datetime.date(1990, 1, 1) + datetime.timedelta(days=r.randint(0, 12000))),
+    lambda r, p, c: (lambda y: f"{y}年は" + ("うるう年で、二月は二十九日まであります。" if y % 4 == 0 and
+                     (y % 100 or y % 400 == 0) else "うるう年ではないので、二月は二十八日で終わります。"))(r.randint(1900, 2100)),
+    lambda r, p, c: (lambda n, k: f"{n}人で{n * k}個のお菓子を同じ数ずつ分けると、一人あたり{k}個ずつになります。")(
+        r.randint(2, 9), r.randint(2, 12)),
+    lambda r, p, c: (lambda w: f"一週間は七日なので、{w}週間はちょうど{7 * w}日になります。")(r.randint(2, 52)),
+    lambda r, p, c: f"{r.choice(NAMES)}さんは休みの日に{c}の図書館へ行き、{r.randint(2, 6)}冊の本を借りてきました。",
+    lambda r, p, c: f"{r.choice(NAMES)}さんと{r.choice(NAMES)}さんは、{r.randint(3, 11)}時に{c}の駅で待ち合わせをしました。",
+    lambda r, p, c: (lambda h, m: f"会議は{h}時{m}分に始まり、九十分後の{h + (m + 90) // 60}時{(m + 90) % 60}分に終わった。")(
+        r.randint(8, 16), r.choice([0, 15, 30, 45])),
+    lambda r, p, c: (lambda k: f"子どもたちが{k}列に七人ずつ並ぶと、校庭には全部で{7 * k}人がいることになる。")(r.randint(2, 9)),
+    lambda r, p, c: f"旅行の計画を立てるとき、{r.choice(NAMES)}さんはまず{p}の地図を広げて、行きたい場所に印をつけていった。",
+    lambda r, p, c: (lambda t: f"この店では{t}が一つ{r.randint(1, 9) * 10}円で売られていて、昼過ぎにはいつも売り切れてしまう。")(
+        r.choice(THINGS)),
+    lambda r, p, c: (lambda a: f"正方形の一辺が{a}センチメートルなら、その面積は{a * a}平方センチメートルになる。")(r.randint(2, 30)),
+    lambda r, p, c: f"雨の日が続いたので、{r.choice(NAMES)}さんは家で{r.choice(FOODS)}を作りながら、ゆっくり音楽を聞いて過ごした。",
+]
+
+
+def ja_template_docs(n, seed=0):
+    rng = random.Random(seed)  # a fixed seed: the same corpus on every machine
+    for _ in range(n):
+        # distinct templates per document: the same template twice would be caught by the repetition filters
+        sentences = [t(rng, *rng.choice(PREFECTURES).split(":")) for t in rng.sample(TEMPLATES, rng.randint(12, 16))]
+        cuts = sorted(rng.sample(range(1, len(sentences)), 3))  # four paragraphs
+        yield "\n".join("".join(sentences[a:b]) for a, b in zip([0] + cuts, cuts + [len(sentences)]))
+
+
+def builtin_docs(kind, ja_docs=3000, seed=0):
+    """The documents of a built-in source: "stdlib_docs" (English prose), "stdlib_code" (Python), "ja_templates"."""
+    if kind == "ja_templates":
+        return ja_template_docs(ja_docs, seed)
+    if kind in ("stdlib_docs", "stdlib_code"):
+        return stdlib_docs(kind == "stdlib_code")
+    sys.exit(f"unknown built-in source builtin:{kind}; there are builtin:stdlib_docs, builtin:stdlib_code and "
+             "builtin:ja_templates")

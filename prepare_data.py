@@ -6,29 +6,40 @@ so this stage decides what the model learns.
     python prepare_data.py                                   # the built-in corpus (nothing downloaded), vocab 4096
     python prepare_data.py --input=data/fineweb,data/llmjp --out_dir=out/web --vocab_size=65536
     python prepare_data.py configs/my_mix.py --tokenizer=out/web   # sources = {"name": "path,path"}; reuse a tokenizer
+    torchrun --nnodes=16 --nproc_per_node=8 ... prepare_data.py --input=...   # many machines, the same output
 
-Flow, per source: read (jsonl, json, parquet, text; .gz, .zst; directories; bad input counted) -> clean lines
--> language + quality filters -> exact dedup -> fuzzy dedup (MinHash/LSH over all sources) -> decontaminate
--> category balance -> tokenizer (trained on a sample of the cleaned text, or given) -> tokenize in parallel
--> shards. Output:
+Flow, per source: read (jsonl, json, parquet, text; .gz, .zst; directories; bad input counted) -> count lines
+across documents -> clean lines -> language + quality filters -> [all sources] exact dedup -> fuzzy dedup (MinHash/
+LSH) -> tokenizer (trained on a sample of the kept text, or given) -> per source: decontaminate -> category balance
+-> tokenize in parallel -> shards. Output:
     OUT_DIR/tokenizer.tiktoken, tokenizer_meta.json, stats.json
     OUT_DIR/<source>/meta.json, train_000000.bin ..., val_000000.bin ..., rejects.jsonl (with write_rejects)
 Shards are raw little-endian token ids (uint16 when the vocab fits in 65,536), documents framed <|bos|> ... <|eos|>
-and concatenated. Memory stays flat in corpus size except for the dedup index, about 200 bytes per document kept
-by the filters: 14 LSH band hashes x 8 bytes (FineWeb's bands), its exact hash in a Python set (~70 bytes) and a
-cluster label (8 bytes); plus the line counts, exact in at most repeated_line_memory_mb. Disk: the cleaned text
-once more, in OUT_DIR/<source>/cleaned.jsonl, and 8 bytes per line while the lines are counted.
+and concatenated.
+
+Ranks (torchrun; gloo over TCP): each rank takes a contiguous share of every source's files (by bytes) and cleans and
+filters it with num_proc processes. Counting lines, exact dedup and LSH buckets are global: the keys are routed to
+the rank that owns their hash (all-to-all), each rank groups its share on disk past index_memory_mb (dedup.py), and
+the decisions go back to the documents' ranks. A document's global order is (source, file, record); the first of
+each duplicate group in that order is kept, so the kept documents and the shards' bytes are the same for any number
+of ranks. OUT_DIR must be one file system that every rank sees (each rank writes its part of the shards in place).
+Memory per rank: a partition of the index, and the pools' batches. Disk: the cleaned text, 8 bytes per line and
+~130 bytes per document in OUT_DIR/.work while the run lasts.
+
+Nothing half-done is ever read: a source is written to <source>.tmp and renamed into place when complete (its
+meta.json records this run's fingerprint); stats.json is written last, and train.py / eval.py refuse a data dir
+without it. A run that was killed continues where it stopped when started again with the same settings and inputs
+(steps done are recorded in OUT_DIR/.work/state.json), and gives the same bytes as a run that never stopped.
 """
 
-import ast
-import datetime
+import functools
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
-import random
+import shutil
 import sys
-import sysconfig
 import time
 
 import numpy as np
@@ -37,7 +48,7 @@ from tqdm import tqdm
 import corpus
 import dedup
 import textfilters as tf
-from common import load_config
+from common import cleanup_distributed, load_config, setup_distributed
 from tokenizer import encode_batch, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,7 +63,7 @@ text_field = "text"           # the JSONL / parquet field holding the document
 max_line_bytes = 10_000_000   # a longer input line is bad input: reported, skipped
 text_doc_chars = 200_000      # a plain-text file is one document, cut at blank lines into pieces of at most this
 max_json_bytes = 100_000_000  # a .json file is parsed whole: a bigger one is a bad file (make it JSONL)
-max_docs = 0                  # per source, 0 = all (a quick look at a big corpus)
+max_docs = 0                  # per source, 0 = all (a quick look at a big corpus; one rank only)
 languages = ["ja", "en", "code"]   # what detect_language must answer to keep a document
 # sources that skip line cleaning and the language and quality filters: synthetic data that synth.py already
 # filtered, whose short Q&A documents the web thresholds (Swallow's 400 characters, Gopher's 50 words) would drop
@@ -60,12 +71,12 @@ languages = ["ja", "en", "code"]   # what detect_language must answer to keep a 
 unfiltered_sources = []
 thresholds = {}               # overrides of textfilters.THRESHOLDS by name, e.g. {"min_chars_ja": 200}
 repeated_line_min_docs = 100  # a line found in this many documents of one source is boilerplate (0: off)
-repeated_line_memory_mb = 256 # counting those lines exactly holds at most this much (spilled to disk, dedup.py)
+index_memory_mb = 256         # per rank: line counts and dedup keys held in memory; the rest waits on disk (exact)
 minhash_ngram = 5             # FineWeb word 5-grams; Swallow character 5-grams
 minhash_bands = 14            # FineWeb: 14 bands x 8 rows, 50% merge probability at Jaccard ~0.72
 minhash_rows = 8
-minhash_threshold = 0.0       # > 0: also require this estimated Jaccard of a candidate pair (0: the bands alone,
-                              # as FineWeb); keeps the signatures on disk, 4 bytes x bands x rows per document
+minhash_threshold = 0.0       # > 0: also require this estimated Jaccard between a bucket's first document and each
+                              # other one (0: the bands alone, as FineWeb); keeps 4 bytes x bands x rows per document
 decontam_files = ""           # comma-separated eval sets (txt: one item per line; jsonl: every string value)
 decontam_mode = "drop"        # or "cut": remove only the matching spans
 decontam_ngram = 12           # FineWeb's 12-grams of words; Japanese text uses 24 characters (textfilters)
@@ -79,13 +90,13 @@ val_every = 100               # every 100th kept document of a source (starting 
 shard_tokens = 1_000_000      # tokens per shard file, the last one shorter (a real corpus: 100_000_000)
 builtin_ja_docs = 3000        # documents of the built-in Japanese source
 write_rejects = False
-num_proc = max(1, (os.cpu_count() or 1))
+num_proc = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # per rank
 batch_docs = 64
+timeout_minutes = 24 * 60     # ranks wait for the slowest one's share at each global step
 seed = 0
 config = load_config(globals())
 # -----------------------------------------------------------------------------
 t_start = time.time()
-
 unknown = set(thresholds) - set(tf.THRESHOLDS)
 if unknown:
     sys.exit(f"unknown thresholds {sorted(unknown)}; valid: {sorted(tf.THRESHOLDS)}")
@@ -97,145 +108,34 @@ if input:
     sources = dict(zip(names, input.split(",")))
 if set(unfiltered_sources) - set(sources):
     sys.exit(f"unfiltered_sources {sorted(set(unfiltered_sources) - set(sources))} are not sources: {sorted(sources)}")
-os.makedirs(out_dir, exist_ok=True)
-# stats.json is written last: a data dir without it is incomplete, and train.py / eval.py refuse it (common.open_shards)
-if os.path.exists(os.path.join(out_dir, "stats.json")):  # an earlier run's: this one is incomplete until it ends
-    os.remove(os.path.join(out_dir, "stats.json"))
-ctx = mp.get_context("fork")  # workers inherit the settings, sketch and indexes set below without pickling them
-stats = {name: {"docs_in": 0, "chars_in": 0, **corpus.new_counts(), "lines_removed": 0,
-                "removed": {}, "docs_cut": 0, "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
-
-
-def count(d, key, n=1):
-    d[key] = d.get(key, 0) + n
-
-
-def reject(name, step, reason, text):
-    """Every dropped document is counted by step and reason, and written out with write_rejects."""
-    count(stats[name]["removed"].setdefault(step, {}), reason)
-    if write_rejects:
-        with open(os.path.join(out_dir, name, "rejects.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
-
-
-def stdlib_files():
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in skip)  # sorted in place: os.walk's order is the file system's
-        yield from (os.path.join(d, f) for f in sorted(files) if f.endswith(".py"))
-
-
-def stdlib_docs(code):
-    """The Python standard library on disk: each module's source (code) or its docstrings joined (English prose)."""
-    for path in stdlib_files():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            source = f.read()
-        if code:
-            yield source
-            continue
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-        yield "\n\n".join(filter(None, (ast.get_docstring(n) for n in nodes)))
-
-
-# A small Japanese source generated from templates, because a fresh machine has no Japanese text. It is honest
-# about what it is: fluent, grammatical sentences whose facts are true (prefectural capitals, calendar dates,
-# arithmetic) or plainly about made-up people; it teaches script and grammar, not the world.
-PREFECTURES = ("北海道:札幌市 青森県:青森市 岩手県:盛岡市 宮城県:仙台市 秋田県:秋田市 山形県:山形市 福島県:福島市 "
-               "茨城県:水戸市 栃木県:宇都宮市 群馬県:前橋市 埼玉県:さいたま市 千葉県:千葉市 東京都:新宿区 "
-               "神奈川県:横浜市 新潟県:新潟市 富山県:富山市 石川県:金沢市 福井県:福井市 山梨県:甲府市 長野県:長野市 "
-               "岐阜県:岐阜市 静岡県:静岡市 愛知県:名古屋市 三重県:津市 滋賀県:大津市 京都府:京都市 大阪府:大阪市 "
-               "兵庫県:神戸市 奈良県:奈良市 和歌山県:和歌山市 鳥取県:鳥取市 島根県:松江市 岡山県:岡山市 広島県:広島市 "
-               "山口県:山口市 徳島県:徳島市 香川県:高松市 愛媛県:松山市 高知県:高知市 福岡県:福岡市 佐賀県:佐賀市 "
-               "長崎県:長崎市 熊本県:熊本市 大分県:大分市 宮崎県:宮崎市 鹿児島県:鹿児島市 沖縄県:那覇市").split()
-NAMES = "佐藤 鈴木 高橋 田中 伊藤 渡辺 山本 中村 小林 加藤 吉田 山田 佐々木 松本 井上 木村".split()
-FOODS = "カレーライス ラーメン おにぎり 焼き魚 うどん そば 天ぷら 味噌汁 寿司 肉じゃが".split()
-THINGS = "りんご みかん 鉛筆 ノート 切手 ビー玉 クッキー 折り紙".split()
-WEEKDAYS = "月火水木金土日"
-TEMPLATES = [
-    lambda r, p, c: f"{p}の{p[-1]}庁所在地は{c}です。",
-    lambda r, p, c: f"{r.choice(NAMES)}さんは{p}に住んでいて、毎朝{r.randint(10, 59)}分かけて{c}の職場まで通っています。",
-    lambda r, p, c: f"{r.choice(NAMES)}さんは{r.choice(FOODS)}が好きで、週に{r.randint(2, 5)}回は食べるそうです。",
-    lambda r, p, c: (lambda a, b, t: f"{r.choice(NAMES)}さんは{t}を{a}個持っていました。友だちから{b}個もらったので、"
-                     f"全部で{a + b}個になりました。")(r.randint(2, 40), r.randint(2, 40), r.choice(THINGS)),
-    lambda r, p, c: (lambda a, b: f"{a}に{b}を足すと{a + b}になり、{a}から{b}を引くと{a - b}になります。")(
-        r.randint(50, 999), r.randint(1, 49)),
-    lambda r, p, c: (lambda a, b: f"{a}かける{b}は{a * b}なので、{a * b}を{b}で割ると{a}に戻ります。")(
-        r.randint(2, 99), r.randint(2, 19)),
-    lambda r, p, c: (lambda d: f"{d.year}年{d.month}月{d.day}日は{WEEKDAYS[d.weekday()]}曜日でした。")(
-        datetime.date(1990, 1, 1) + datetime.timedelta(days=r.randint(0, 12000))),
-    lambda r, p, c: (lambda y: f"{y}年は" + ("うるう年で、二月は二十九日まであります。" if y % 4 == 0 and
-                     (y % 100 or y % 400 == 0) else "うるう年ではないので、二月は二十八日で終わります。"))(r.randint(1900, 2100)),
-    lambda r, p, c: (lambda n, k: f"{n}人で{n * k}個のお菓子を同じ数ずつ分けると、一人あたり{k}個ずつになります。")(
-        r.randint(2, 9), r.randint(2, 12)),
-    lambda r, p, c: (lambda w: f"一週間は七日なので、{w}週間はちょうど{7 * w}日になります。")(r.randint(2, 52)),
-    lambda r, p, c: f"{r.choice(NAMES)}さんは休みの日に{c}の図書館へ行き、{r.randint(2, 6)}冊の本を借りてきました。",
-    lambda r, p, c: f"{r.choice(NAMES)}さんと{r.choice(NAMES)}さんは、{r.randint(3, 11)}時に{c}の駅で待ち合わせをしました。",
-    lambda r, p, c: (lambda h, m: f"会議は{h}時{m}分に始まり、九十分後の{h + (m + 90) // 60}時{(m + 90) % 60}分に終わった。")(
-        r.randint(8, 16), r.choice([0, 15, 30, 45])),
-    lambda r, p, c: (lambda k: f"子どもたちが{k}列に七人ずつ並ぶと、校庭には全部で{7 * k}人がいることになる。")(r.randint(2, 9)),
-    lambda r, p, c: f"旅行の計画を立てるとき、{r.choice(NAMES)}さんはまず{p}の地図を広げて、行きたい場所に印をつけていった。",
-    lambda r, p, c: (lambda t: f"この店では{t}が一つ{r.randint(1, 9) * 10}円で売られていて、昼過ぎにはいつも売り切れてしまう。")(
-        r.choice(THINGS)),
-    lambda r, p, c: (lambda a: f"正方形の一辺が{a}センチメートルなら、その面積は{a * a}平方センチメートルになる。")(r.randint(2, 30)),
-    lambda r, p, c: f"雨の日が続いたので、{r.choice(NAMES)}さんは家で{r.choice(FOODS)}を作りながら、ゆっくり音楽を聞いて過ごした。",
-]
-
-
-def ja_template_docs(n):
-    rng = random.Random(seed)  # a fixed seed: the same corpus on every machine
-    for _ in range(n):
-        # distinct templates per document: the same template twice would be caught by the repetition filters
-        sentences = [t(rng, *rng.choice(PREFECTURES).split(":")) for t in rng.sample(TEMPLATES, rng.randint(12, 16))]
-        cuts = sorted(rng.sample(range(1, len(sentences)), 3))  # four paragraphs
-        yield "\n".join("".join(sentences[a:b]) for a, b in zip([0] + cuts, cuts + [len(sentences)]))
-
-
+if max_docs and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    sys.exit("max_docs takes the first documents of a source, which only one rank knows: run it on one rank")
 # every source's files listed, and every input checked, before any work (corpus.py: readers by extension, bad
 # records and files counted by reason with their place in stats.json and skipped)
 limits = {"text_field": text_field, "max_line_bytes": max_line_bytes, "text_doc_chars": text_doc_chars,
           "max_json_bytes": max_json_bytes}
 file_lists = {name: [] if spec.startswith("builtin:") else corpus.list_files(spec, f"source {name}")
               for name, spec in sources.items()}
-for path in filter(None, decontam_files.split(",")):
+decontam_paths = list(filter(None, decontam_files.split(",")))
+for path in decontam_paths:
     if not os.path.isfile(path):
         sys.exit(f"decontam_files: no such file: {path}")
-
-
-def read_source(name):
-    """All documents of a source in a fixed order (files sorted), the first max_docs of them."""
-    s, spec = stats[name], sources[name]
-    if spec.startswith("builtin:"):
-        kind = spec[len("builtin:"):]
-        docs = {"stdlib_docs": lambda: stdlib_docs(False), "stdlib_code": lambda: stdlib_docs(True),
-                "ja_templates": lambda: ja_template_docs(builtin_ja_docs)}[kind]()
-    else:
-        docs = corpus.read_files(file_lists[name], s, limits)
-    for i, doc in enumerate(docs):
-        if max_docs and i >= max_docs:
-            return
-        yield doc
-
-
-def batched(iterable, n):
-    it = iter(iterable)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
-
+enc = load_tokenizer(tokenizer) if tokenizer else None
+index = tf.ngram_index(tf.eval_items(decontam_paths), decontam_ngram, decontam_ngram_cjk)  # for decontamination
 
 # -----------------------------------------------------------------------------
-# pass 1 per source: count each line's documents exactly (dedup.repeated_hashes), so that lines repeated across many
-# documents (site chrome) can be cut in pass 2: the sorted hashes found in repeated_line_min_docs documents or more
-repeated_lines = np.zeros(0, np.uint64)
+# the work on each document, done by num_proc processes forked here, before this process starts any thread: a fork
+# while another thread creates or ends one can deadlock the child in CPython's thread-state lock (seen here when a
+# pool was forked right after the previous pool's threads were joined). What the workers need that is made later
+# (the repeated lines, the tokenizer, the categories) they read from the files the main process writes for them.
+_loaded = {}
 
 
-def repeated(h):
-    i = np.searchsorted(repeated_lines, np.uint64(h))
-    return i < len(repeated_lines) and repeated_lines[i] == h
+def loaded(kind, path, load):
+    """In a worker: the file the main process wrote for this step, read once (kept until another path comes)."""
+    if _loaded.get(kind, (None,))[0] != path:
+        _loaded[kind] = (path, load(path) if path and os.path.exists(path) else None)
+    return _loaded[kind][1]
 
 
 def guarded(step, on_error):
@@ -246,17 +146,19 @@ def guarded(step, on_error):
         return on_error(e)
 
 
-def line_hash_batch(docs):
+def line_hash_batch(docs):  # pass 1
     return [guarded(lambda: tf.line_hashes(tf.normalize(d)), lambda e: np.zeros(0, np.uint64)) for d in docs]
 
 
-# pass 2 per source: normalize, clean, identify the language, filter, shingle; exact dedup and the index in the parent
-def clean_doc(doc):
+def clean_doc(doc, unfiltered, repeated_lines):  # pass 2: normalize, clean, identify the language, filter, shingle
+    def repeated(h):
+        i = np.searchsorted(repeated_lines, np.uint64(h))
+        return i < len(repeated_lines) and repeated_lines[i] == h
     text = tf.normalize(doc)
     lang = tf.detect_language(text)
     dropped = 0
     if lang != "code" and not unfiltered:  # a code line like `a | b | c` is not a menu
-        text, dropped = tf.clean_lines(text, repeated if repeated_line_min_docs else None,
+        text, dropped = tf.clean_lines(text, repeated if repeated_lines is not None else None,
                                        TH["boilerplate_max_line_chars"])
     if not text.strip():
         return "clean", "empty_after_cleaning", lang, text, dropped, None
@@ -269,44 +171,173 @@ def clean_doc(doc):
     return "filter", reason, lang, text, dropped, None if reason else dedup.shingles(text, minhash_ngram, u)
 
 
-def clean_batch(docs):
-    out = [guarded(lambda: clean_doc(d), lambda e: ("clean", f"error_{type(e).__name__}", "unknown", d, 0, None))
-           for d in docs]
+def clean_batch(unfiltered, repeated_path, docs):
+    repeated_lines = loaded("repeated", repeated_path, np.load)
+    out = [guarded(lambda: clean_doc(d, unfiltered, repeated_lines),
+                   lambda e: ("clean", f"error_{type(e).__name__}", "unknown", d, 0, None)) for d in docs]
     shingle_sets = [o[5] for o in out if o[5] is not None]
-    sigs = iter(dedup.minhash(shingle_sets, minhash_bands * minhash_rows, seed))
+    sigs = iter(dedup.minhash(shingle_sets, minhash_bands * minhash_rows, seed))  # MinHash in the workers too
     return [(step, reason, lang, text, dropped, next(sigs) if sh is not None else None)
             for step, reason, lang, text, dropped, sh in out]
 
 
-seen_exact = set()
-band_rows = []  # one (n, bands) array per batch, over all sources in order
-n_cleaned = {}  # documents per source in cleaned.jsonl
-sig_file = open(os.path.join(out_dir, "minhash.tmp"), "wb") if minhash_threshold > 0 else None
-for name in sources:
-    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, name, "rejects.jsonl")):  # rejects of an earlier run
-        os.remove(os.path.join(out_dir, name, "rejects.jsonl"))
-    s = stats[name]
-    unfiltered = name in unfiltered_sources  # read by clean_batch in the workers forked below
-    if repeated_line_min_docs:
-        with ctx.Pool(num_proc) as pool:
-            batches = tqdm(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),
-                           desc=f"{name}: count lines", unit="batch")
-            repeated_lines, n_lines = dedup.repeated_hashes((h for b in batches for h in b), repeated_line_min_docs,
-                                                         os.path.join(out_dir, name, "line_counts.tmp"),
-                                                         repeated_line_memory_mb << 20)
-        s["line_counts"] = {"lines": n_lines, "repeated": len(repeated_lines), "exact": True}
-    s.update(corpus.new_counts())  # pass 1 counted them; pass 2 reads the same bytes again
-    with ctx.Pool(num_proc) as pool, open(os.path.join(out_dir, name, "cleaned.jsonl"), "w", encoding="utf-8") as f:
-        docs = read_source(name)
+def final_batch(tokenizer_dir, balance_path, docs):
+    """Pass 3, per document: (the document, contaminated spans, its text after an optional cut, its cluster, its
+    token ids)."""
+    enc = loaded("tokenizer", tokenizer_dir, load_tokenizer)
+    saved = loaded("balance", balance_path, lambda path: dict(np.load(path)))
+    spans = [tf.contaminated_spans(d["text"], index, decontam_ngram, decontam_ngram_cjk) for d in docs]
+    texts = [tf.cut_spans(d["text"], sp) if sp and decontam_mode == "cut" else d["text"] for d, sp in zip(docs, spans)]
+    clusters = tf.assign(tf.hashed_features(texts), saved["centroids"]) if saved else [0] * len(docs)
+    ids = encode_batch(enc, texts, num_threads=1)  # one thread per process: the processes are the parallelism
+    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
+    return [(d, sp, text, int(c), np.array(t, dtype)) for d, sp, text, c, t in zip(docs, spans, texts, clusters, ids)]
 
+
+pool = mp.get_context("fork").Pool(num_proc)
+rank, _, world_size, _ = setup_distributed("cpu", timeout_minutes=timeout_minutes)
+master = rank == 0
+say = print if master else (lambda *a, **k: None)
+
+# the run's fingerprint: what decides the output bytes (settings, inputs, tokenizer), not how the work is spread
+inputs = {n: [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in fs] for n, fs in file_lists.items()}
+free = {"out_dir", "num_proc", "batch_docs", "write_rejects", "index_memory_mb", "timeout_minutes"}
+run_id = hashlib.blake2b(json.dumps([{k: v for k, v in sorted(config.items()) if k not in free}, inputs,
+                                     [(p, os.path.getsize(p)) for p in decontam_paths],
+                                     tokenizer_hash(enc) if enc else None], default=str).encode(),
+                         digest_size=12).hexdigest()
+work = os.path.join(out_dir, ".work")
+state_path = os.path.join(work, "state.json")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    # stats.json is written last: a data dir without it is incomplete (common.open_shards)
+    if os.path.exists(os.path.join(out_dir, "stats.json")):
+        os.remove(os.path.join(out_dir, "stats.json"))
+    state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+    if (state.get("run"), state.get("world_size")) != (run_id, world_size):  # another run's, or none: start over
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        with open(state_path, "w") as f:
+            json.dump({"run": run_id, "world_size": world_size, "done": []}, f)
+    for name in sources:  # a commit that was interrupted, or a source being written when the run was killed
+        for leftover in (f"{name}.tmp", f"{name}.old"):
+            shutil.rmtree(os.path.join(out_dir, leftover), ignore_errors=True)
+dedup.barrier()
+state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+if state.get("run") != run_id:
+    sys.exit(f"rank {rank} does not see this run's {state_path}: out_dir must be a file system every rank shares")
+done = set(state["done"])
+
+
+def mark_done(step):
+    """Record a finished step (after every rank's part of it is on disk) so that a rerun skips it."""
+    dedup.barrier()
+    if master:
+        done.add(step)
+        with open(state_path + ".tmp", "w") as f:
+            json.dump({"run": run_id, "world_size": world_size, "done": sorted(done)}, f)
+        os.replace(state_path + ".tmp", state_path)
+
+
+def merge(parts):
+    """Per-rank stats into one: numbers and lists of numbers summed, dicts merged (keys sorted), example lists cut
+    to the first 5 in rank order (a rank's files come after the previous rank's, so that is the order of one rank)."""
+    first = parts[0]
+    if isinstance(first, bool) or isinstance(first, str):
+        return first
+    if isinstance(first, (int, float)):
+        return sum(parts)
+    if isinstance(first, dict):
+        return {k: merge([p[k] for p in parts if k in p]) for k in sorted(set().union(*parts))}
+    if first and all(isinstance(x, (int, float)) for p in parts for x in p):
+        return [sum(xs) for xs in zip(*parts)]
+    joined = [x for p in parts for x in p]
+    return joined[:5] if all(isinstance(x, str) for x in joined) else joined
+
+
+stats = {name: {"docs_in": 0, "chars_in": 0, **corpus.new_counts(), "lines_removed": 0,
+                "removed": {}, "docs_cut": 0, "languages": {}, "docs_out": 0, "chars_out": 0} for name in sources}
+
+
+def count(d, key, n=1):
+    d[key] = d.get(key, 0) + n
+
+
+def reject(name, step, reason, text):
+    """Every dropped document is counted by step and reason, and written out with write_rejects."""
+    count(stats[name]["removed"].setdefault(step, {}), reason)
+    if write_rejects:
+        with open(part(name, rejects_kind), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
+
+
+def read_source(name):
+    """This rank's documents of a source, in order (files sorted; the first max_docs with one rank)."""
+    s, spec = stats[name], sources[name]
+    if spec.startswith("builtin:"):
+        kind = spec[len("builtin:"):]
+        n = builtin_ja_docs if kind == "ja_templates" else len(list(corpus.stdlib_files()))
+        docs = itertools.islice(corpus.builtin_docs(kind, builtin_ja_docs, seed), *corpus.share(n, rank, world_size))
+    else:
+        files = file_lists[name]
+        lo, hi = corpus.share(len(files), rank, world_size, [os.path.getsize(p) for p in files])
+        docs = corpus.read_files(files[lo:hi], s, limits)
+    yield from itertools.islice(docs, max_docs or None)
+
+
+def batched(iterable, n):
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def bar(iterable, desc):
+    return tqdm(iterable, desc=desc, unit="batch", disable=not master)
+
+
+# -----------------------------------------------------------------------------
+# pass 1 per source: count each line's documents exactly (dedup.repeated_hashes, over the ranks that own the hashes),
+# so that lines repeated across many documents (site chrome) can be cut in pass 2: the sorted hashes found in
+# repeated_line_min_docs documents or more
+index_bytes = index_memory_mb << 20
+rows_per_round = max(1024, index_bytes // 64)  # keys a rank sends per all-to-all round
+def part(name, kind, r=None):
+    """This rank's (or rank r's) file of one kind for a source, in the work directory."""
+    stem, ext = os.path.splitext(kind)
+    return os.path.join(work, name, f"{stem}.{rank if r is None else r}{ext}")
+
+
+for name in sources:
+    s = stats[name]
+    if f"clean:{name}" in done:  # a rerun: this rank's part of the source was cleaned before
+        with open(part(name, "stats.json")) as f:
+            stats[name] = json.load(f)
+        continue
+    os.makedirs(os.path.join(work, name), exist_ok=True)
+    rejects_kind = "rejects.jsonl"  # read by reject(); the final pass writes its own (it may run twice)
+    if os.path.exists(part(name, rejects_kind)):
+        os.remove(part(name, rejects_kind))
+    repeated_path = part(name, "repeated.npy") if repeated_line_min_docs else None  # read by the workers
+    if repeated_line_min_docs:
+        local = (h for b in bar(pool.imap(line_hash_batch, batched(read_source(name), batch_docs)),
+                                f"{name}: count lines") for h in b)
+        mine, n_lines = dedup.repeated_hashes(dedup.exchanged(local, 1, rows_per_round), repeated_line_min_docs,
+                                              part(name, "lines"), index_bytes)
+        repeated_lines = np.sort(dedup.all_gather_rows(mine.reshape(-1, 1))[:, 0])
+        np.save(repeated_path, repeated_lines)
+        s["line_counts"] = {"lines": n_lines, "repeated": len(repeated_lines) if master else 0, "exact": True}
+    s.update(corpus.new_counts())  # pass 1 counted them; pass 2 reads the same bytes again
+    clean = functools.partial(clean_batch, name in unfiltered_sources, repeated_path)
+    with open(part(name, "cleaned.jsonl"), "w", encoding="utf-8") as f, \
+            open(part(name, "exact.u64"), "wb") as f_exact, open(part(name, "bands.u64"), "wb") as f_bands, \
+            open(part(name, "sigs.u32"), "wb") as f_sigs:
         def counted(docs):
             for d in docs:
                 s["docs_in"] += 1
                 s["chars_in"] += len(d)
                 yield d
-        for results in tqdm(pool.imap(clean_batch, batched(counted(docs), batch_docs)),
-                            desc=f"{name}: clean + filter", unit="batch"):
+        for results in bar(pool.imap(clean, batched(counted(read_source(name)), batch_docs)),
+                           f"{name}: clean + filter"):
             rows = []
             for step, reason, lang, text, dropped, sig in results:
                 s["lines_removed"] += dropped
@@ -314,60 +345,112 @@ for name in sources:
                     reject(name, step, reason, text)
                     continue
                 h = dedup.exact_hash(text)
-                if h in seen_exact:
-                    reject(name, "exact_dedup", "exact_duplicate", text)
-                    continue
-                seen_exact.add(h)
                 rows.append(sig)
                 f.write(json.dumps({"text": text, "lang": lang, "hash": h}, ensure_ascii=False) + "\n")
+                np.array([h], np.uint64).tofile(f_exact)
             if rows:
-                band_rows.append(dedup.lsh_band_hashes(np.stack(rows), minhash_bands, minhash_rows))
-                if sig_file:
-                    np.stack(rows).tofile(sig_file)
-    n_cleaned[name] = sum(len(b) for b in band_rows) - sum(n_cleaned.values())
+                dedup.lsh_band_hashes(np.stack(rows), minhash_bands, minhash_rows).tofile(f_bands)
+                if minhash_threshold > 0:
+                    np.stack(rows).tofile(f_sigs)
+    with open(part(name, "stats.json"), "w") as f:
+        json.dump(s, f)
+    mark_done(f"clean:{name}")
 
-# fuzzy dedup over all sources at once: a copy in two sources is still a copy; the first one seen is kept
-bands = np.concatenate(band_rows) if band_rows else np.zeros((0, minhash_bands), np.uint64)
-sigs = None
-if sig_file:
-    sig_file.close()
-if sig_file and len(bands):
-    sigs = np.memmap(sig_file.name, np.uint32, "r", shape=(len(bands), minhash_bands * minhash_rows))
-labels = dedup.duplicate_clusters(bands, sigs, minhash_threshold)
-print(f"fuzzy dedup: {len(bands):,} documents, {int((labels != np.arange(len(bands))).sum()):,} near-duplicates "
-      f"(bands x rows {minhash_bands} x {minhash_rows}: 50% merged at Jaccard "
-      f"{(1 / minhash_bands) ** (1 / minhash_rows):.2f}; threshold {minhash_threshold or 'none'})")
-if sig_file:
-    del sigs
-    os.remove(sig_file.name)
-del seen_exact, band_rows, bands
+# -----------------------------------------------------------------------------
+# exact and fuzzy dedup over all sources at once (a copy in two sources is still a copy). A document's global id is
+# (source, rank, index on that rank), which sorts as the documents do in one rank's order, and names its rank.
+# Exact: (hash, id) rows go to the owner of the hash, which drops all but the smallest id of each hash. Fuzzy: the
+# survivors' (band key, id) rows go to the owner of the key; each bucket joins its documents; the connected
+# components are found across ranks (dedup.components) and all but the smallest id of each are dropped.
+# keep.<rank>: per document 0 = kept, 1 = exact duplicate, 2 = near-duplicate
+
+n_local = {name: os.path.getsize(part(name, "exact.u64")) // 8 for name in sources}
+base = {name: np.uint64((i << 48) | (rank << 32)) for i, name in enumerate(sources)}
 
 
-def cleaned(name):
-    with open(os.path.join(out_dir, name, "cleaned.jsonl"), encoding="utf-8") as f:
-        yield from (json.loads(line) for line in f)
+def id_owner(ids):
+    return ((np.asarray(ids, np.uint64) >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)
 
 
-offsets = dict(zip(sources, np.cumsum([0] + [n_cleaned[name] for name in sources]).tolist()))  # into `labels`
+def mark(verdict, ids, value):
+    """Set verdict[source][index] = value for ids that this rank owns."""
+    for i, name in enumerate(sources):
+        mine = ids[(ids >> np.uint64(48)) == np.uint64(i)]
+        verdict[name][(mine & np.uint64(0xFFFFFFFF)).astype(np.int64)] = value
 
 
-def unique_docs(name):
-    """The cleaned documents of a source that survive fuzzy dedup (label = own index)."""
-    for i, doc in enumerate(cleaned(name), offsets[name]):
-        if labels[i] == i:
-            yield doc
+def keyed_rows(keys_of, per_doc):
+    """(key, id) rows of this rank's documents not dropped yet, all sources, read in pieces of about rows_per_round
+    rows: keys_of(name, lo, hi) -> the keys of documents lo..hi-1, (hi - lo, per_doc) uint64."""
+    step = max(1, rows_per_round // per_doc)
+    for name in sources:
+        for lo in range(0, n_local[name], step):
+            hi = min(lo + step, n_local[name])
+            live = verdict[name][lo:hi] == 0
+            ids = (base[name] + np.arange(lo, hi, dtype=np.uint64))[live]
+            yield np.stack([keys_of(name, lo, hi)[live].reshape(-1), np.repeat(ids, per_doc)], axis=1)
 
+
+def exact_keys(name, lo, hi):
+    return np.fromfile(part(name, "exact.u64"), np.uint64, hi - lo, offset=8 * lo).reshape(-1, 1)
+
+
+def band_keys(name, lo, hi):  # a band's hash mixed with its index: equal keys = equal band of the same index
+    bands = np.fromfile(part(name, "bands.u64"), np.uint64, (hi - lo) * minhash_bands, offset=8 * minhash_bands * lo)
+    return tf._mix64(bands.reshape(-1, minhash_bands)
+                     ^ (np.arange(minhash_bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+
+
+def signatures(ids):
+    """On the rank that owns them: the MinHash signatures of documents, as rows of uint64 pairs."""
+    width = minhash_bands * minhash_rows
+    out = np.zeros((len(ids), width // 2), np.uint64)
+    for i, name in enumerate(sources):
+        at = np.flatnonzero((ids >> np.uint64(48)) == np.uint64(i))
+        if len(at):
+            sigs = np.memmap(part(name, "sigs.u32"), np.uint32, "r").reshape(-1, width)
+            out[at] = sigs[(ids[at] & np.uint64(0xFFFFFFFF)).astype(np.int64)].view(np.uint64)
+    return out
+
+
+if "dedup" in done:
+    verdict = {name: np.load(part(name, "keep.npy")) for name in sources}
+else:
+    verdict = {name: np.zeros(n_local[name], np.uint8) for name in sources}
+    spill = part("", "spill")
+    mark(verdict, dedup.exact_copies(keyed_rows(exact_keys, 1), id_owner, spill, index_bytes, rows_per_round), 1)
+
+    def similar(a, b):  # with a threshold: the pairs whose MinHash values agree often enough (the Jaccard estimate)
+        return (dedup.lookup(a, id_owner, signatures).view(np.uint32)
+                == dedup.lookup(b, id_owner, signatures).view(np.uint32)).mean(1) >= minhash_threshold
+    near, rounds = dedup.near_copies(keyed_rows(band_keys, minhash_bands), id_owner, spill, index_bytes,
+                                     rows_per_round, similar if minhash_threshold > 0 else None)
+    mark(verdict, near, 2)
+    for name in sources:
+        np.save(part(name, "keep.npy"), verdict[name])
+    found = np.sum(dedup.gather_json([int(sum((v == k).sum() for v in verdict.values())) for k in (0, 1, 2)]), 0)
+    say(f"dedup: {sum(found):,} documents, {found[1]:,} exact copies, {found[2]:,} near-duplicates (components in "
+        f"{rounds} rounds; bands x rows {minhash_bands} x {minhash_rows}: 50% merged at Jaccard "
+        f"{(1 / minhash_bands) ** (1 / minhash_rows):.2f}; threshold {minhash_threshold or 'none'})")
+    mark_done("dedup")
+
+
+def kept_docs(name):
+    """The cleaned documents of a source that survive dedup, over every rank's part in rank order (the order of one
+    rank): the tokenizer sample and the category fit are the same for any number of ranks."""
+    for r in range(world_size):
+        keep = np.load(part(name, "keep.npy", r))
+        with open(part(name, "cleaned.jsonl", r), encoding="utf-8") as f:
+            yield from (json.loads(line) for line, v in zip(f, keep) if v == 0)
 
 # -----------------------------------------------------------------------------
 # tokenizer: trained on a sample of the cleaned, deduplicated text (Tanuki: a random sample of the training corpus).
 # Ours takes the sources' documents in turn, from the start of each, up to tokenizer_sample_chars: deterministic,
-# and a big source cannot crowd the small ones out of the vocab. Or a given tokenizer is loaded.
+# and a big source cannot crowd the small ones out of the vocab. Or a given tokenizer is loaded. Rank 0 trains it.
 
-if tokenizer:
-    enc = load_tokenizer(tokenizer)
-else:
+if enc is None and "tokenizer" not in done and master:
     def sample():
-        chars, streams = 0, [unique_docs(name) for name in sources]
+        chars, streams = 0, [kept_docs(name) for name in sources]
         while streams and chars < tokenizer_sample_chars:
             for it in list(streams):
                 doc = next(it, None)
@@ -376,96 +459,86 @@ else:
                     continue
                 chars += len(doc["text"])
                 yield doc["text"]
-    enc = train_tokenizer(sample(), vocab_size)
-save_tokenizer(enc, out_dir)
+    save_tokenizer(train_tokenizer(sample(), vocab_size), out_dir)
+if enc is None:
+    mark_done("tokenizer")
+    enc = load_tokenizer(out_dir)
+elif master:
+    save_tokenizer(enc, out_dir)
 dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
 tok_hash = tokenizer_hash(enc)
 
 # -----------------------------------------------------------------------------
-# categories: k-means on hashed n-gram features of a sample, fitted once for all sources; the clusters' shares in
-# that sample set the keep probability of over-represented ones (Tanuki: "too many ads, too little reasoning")
+# categories: k-means on hashed n-gram features of a sample, fitted once for all sources (by rank 0, on the same
+# documents for any number of ranks); the clusters' shares in that sample set the keep probability of
+# over-represented ones (Tanuki: "too many ads, too little reasoning")
 
-centroids, keep_prob = None, None
-if balance_clusters:
-    fit = [d["text"] for name in sources for d, _ in zip(unique_docs(name), range(balance_sample // len(sources)))]
+keep_prob = None
+balance_path = os.path.join(work, "balance.npz")  # the workers assign categories with its centroids
+if balance_clusters and "balance" not in done and master:
+    fit = [d["text"] for name in sources for d, _ in zip(kept_docs(name), range(balance_sample // len(sources)))]
     if len(fit) >= balance_clusters:
         X = tf.hashed_features(fit)
         centroids = tf.kmeans(X, balance_clusters, seed=seed)
         fit_labels = tf.assign(X, centroids)
         share = np.bincount(fit_labels, minlength=len(centroids)) / len(X)
         keep_prob = np.minimum(1.0, balance_max_share / np.maximum(share, 1e-9))
+        np.savez(balance_path, centroids=centroids, keep_prob=keep_prob)
         print("categories in the k-means sample (share, first document):")
         for c in np.unique(fit_labels):
             print(f"  {c}: {share[c]:6.1%}  {fit[int(np.argmax(fit_labels == c))][:70]!r}")
+if balance_clusters:
+    mark_done("balance")
+    if os.path.exists(balance_path):
+        with np.load(balance_path) as saved:
+            keep_prob = saved["keep_prob"]
+say(f"decontamination: {len(index):,} n-grams from {decontam_files or 'no evaluation sets'}")
 
 
-
-def eval_texts(paths):
-    """The items of the evaluation sets: a line of a .txt file, or every string value of a .jsonl line."""
-    for path in filter(None, paths.split(",")):
-        with open(path, encoding="utf-8") as f:
-            for line in filter(str.strip, f):
-                if path.endswith(".jsonl"):
-                    yield from (v for v in json.loads(line).values() if isinstance(v, str))
-                else:
-                    yield line
-
-
-index = tf.ngram_index(eval_texts(decontam_files), decontam_ngram, decontam_ngram_cjk)
-print(f"decontamination: {len(index):,} n-grams from {decontam_files or 'no evaluation sets'}")
-
-
-def final_batch(docs):
-    """In a worker, per document: (the document, contaminated spans, its text after an optional cut, its cluster,
-    its token ids)."""
-    spans = [tf.contaminated_spans(d["text"], index, decontam_ngram, decontam_ngram_cjk) for d in docs]
-    texts = [tf.cut_spans(d["text"], sp) if sp and decontam_mode == "cut" else d["text"] for d, sp in zip(docs, spans)]
-    clusters = tf.assign(tf.hashed_features(texts), centroids) if centroids is not None else [0] * len(docs)
-    ids = encode_batch(enc, texts, num_threads=1)  # one thread per process: the processes are the parallelism
-    return [(d, sp, text, int(c), np.array(t, dtype)) for d, sp, text, c, t in zip(docs, spans, texts, clusters, ids)]
-
-
-def new_writer(name, split):
-    return {"dir": os.path.join(out_dir, name), "split": split, "parts": [], "size": 0, "files": [], "tokens": 0,
-            "documents": 0}
-
-
-def flush(w, final):
-    data = np.concatenate(w["parts"]) if w["parts"] else np.zeros(0, dtype)
-    while len(data) >= shard_tokens or (final and len(data)):
-        filename = f"{w['split']}_{len(w['files']):06d}.bin"
-        data[:shard_tokens].astype("<" + np.dtype(dtype).str[1:]).tofile(os.path.join(w["dir"], filename))
-        w["files"].append(filename)
-        data = data[shard_tokens:]
-    w["parts"], w["size"] = [data], len(data)
-
-
-def write(w, ids):
-    w["parts"].append(ids)
-    w["size"] += len(ids)
-    w["tokens"] += len(ids)
-    w["documents"] += 1
-    if w["size"] >= shard_tokens:
-        flush(w, final=False)
+def write_tokens(directory, split, position, ids):
+    """Token ids at `position` of a split's stream, which is cut into files of shard_tokens: each rank writes its
+    own range of the stream in place, into files rank 0 has created at their final size."""
+    ids = ids.astype("<" + np.dtype(dtype).str[1:])
+    while len(ids):
+        shard, at = divmod(position, shard_tokens)
+        n = min(len(ids), shard_tokens - at)
+        fd = os.open(os.path.join(directory, f"{split}_{shard:06d}.bin"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, ids[:n].tobytes(), at * ids.itemsize)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        ids, position = ids[n:], position + n
 
 
 # -----------------------------------------------------------------------------
-# pass 3 per source: decontaminate, balance, tokenize in parallel (imap keeps the order), write shards
+# pass 3 per source: decontaminate, balance, tokenize in parallel (imap keeps the order) into this rank's token file;
+# then the ranks' counts place each rank's documents in the source's streams, the shards are written in place in
+# <source>.tmp, and rank 0 commits the source by renaming it (a source of this run that is in place is skipped)
 
-probe_hits = {i: [] for i in range(len(probe_terms))}
 for name in sources:
-    s = stats[name]
-    for old in os.listdir(os.path.join(out_dir, name)):  # shards of an earlier run must not linger
-        if old.endswith(".bin"):
-            os.remove(os.path.join(out_dir, name, old))
-    for i, d in enumerate(cleaned(name), offsets[name]):
-        if labels[i] != i:
-            reject(name, "fuzzy_dedup", "near_duplicate", d["text"])
-    writers = {"train": new_writer(name, "train"), "val": new_writer(name, "val")}
-    clusters, kept = np.zeros(max(1, balance_clusters), np.int64), 0
-    with ctx.Pool(num_proc) as pool:
-        for results in tqdm(pool.imap(final_batch, batched(unique_docs(name), batch_docs)),
-                            desc=f"{name}: decontaminate + tokenize", unit="batch"):
+    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f"{name}.tmp")
+    meta_path = os.path.join(final, "meta.json")
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get("run") == run_id:
+        continue
+    s, rejects_kind = stats[name], "rejects_final.jsonl"
+    if os.path.exists(part(name, rejects_kind)):
+        os.remove(part(name, rejects_kind))
+    s.update(docs_out=0, tokens_train=0, tokens_val=0, clusters=[0] * max(1, balance_clusters))
+    lengths, probe_hits = [], []
+    work_on = functools.partial(final_batch, tokenizer or out_dir, balance_path)
+    with open(part(name, "tokens.bin"), "wb") as f, \
+            open(part(name, "cleaned.jsonl"), encoding="utf-8") as cleaned:
+        def unique(lines):
+            for line, v in zip(lines, verdict[name]):
+                d = json.loads(line)
+                if v == 0:
+                    yield d
+                else:
+                    reject(name, *(("exact_dedup", "exact_duplicate") if v == 1 else ("fuzzy_dedup", "near_duplicate")),
+                           d["text"])
+        for results in bar(pool.imap(work_on, batched(unique(cleaned), batch_docs)),
+                           f"{name}: decontaminate + tokenize"):
             for d, spans, text, cluster, ids in results:
                 if spans and decontam_mode == "drop":
                     reject(name, "decontaminate", "eval_ngram", d["text"])
@@ -475,48 +548,98 @@ for name in sources:
                     reject(name, "balance", f"cluster_{cluster}", text)
                     continue
                 s["docs_cut"] += bool(spans)  # kept, with the evaluation text cut out (decontam_mode="cut")
-                for i, terms in enumerate(probe_terms):
-                    if dedup.terms_cooccur(text, terms, probe_window):
-                        probe_hits[i].append(text)
-                write(writers["val" if kept % val_every == 0 else "train"], ids)
-                kept += 1
-                clusters[cluster] += 1
+                probe_hits += [{"terms": i, "text": text} for i, terms in enumerate(probe_terms)
+                               if dedup.terms_cooccur(text, terms, probe_window)]
+                ids.tofile(f)
+                lengths.append(len(ids))
+                s["clusters"][cluster] += 1
                 count(s["languages"], d["lang"])
                 s["chars_out"] += len(text)
-    for w in writers.values():
-        flush(w, final=True)
-    s.update(docs_out=kept, tokens_train=writers["train"]["tokens"], tokens_val=writers["val"]["tokens"],
-             clusters=clusters.tolist())
-    meta = {"source": name, "dtype": np.dtype(dtype).name, "vocab_size": enc.n_vocab, "tokenizer_hash": tok_hash,
-            **{split: {k: w[k] for k in ("files", "tokens", "documents")} for split, w in writers.items()},
-            "shard_tokens": shard_tokens}
-    with open(os.path.join(out_dir, name, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-    os.remove(os.path.join(out_dir, name, "cleaned.jsonl"))
+    # the k-th kept document of the source (over all ranks, in order) is validation when k % val_every == 0
+    first = sum(dedup.gather_json(len(lengths))[:rank])
+    is_val = (first + np.arange(len(lengths))) % val_every == 0
+    lengths = np.array(lengths, np.int64)
+    mine = {"val": [int(lengths[is_val].sum()), int(is_val.sum())], "train": [int(lengths[~is_val].sum()),
+                                                                               int((~is_val).sum())]}
+    everyone = dedup.gather_json(mine)
+    totals = {split: [sum(m[split][i] for m in everyone) for i in (0, 1)] for split in mine}
+    if master:
+        os.makedirs(tmp)
+        for split, (tokens, _) in totals.items():
+            for i in range(0, tokens, shard_tokens):
+                with open(os.path.join(tmp, f"{split}_{i // shard_tokens:06d}.bin"), "wb") as f:
+                    f.truncate(min(shard_tokens, tokens - i) * np.dtype(dtype).itemsize)
+    dedup.barrier()
+    position = {split: sum(m[split][0] for m in everyone[:rank]) for split in mine}
+    ends = np.cumsum(lengths)
+    tokens = np.memmap(part(name, "tokens.bin"), dtype, "r") if len(ends) and ends[-1] else np.zeros(0, dtype)
+    j = 0
+    while j < len(lengths):  # documents of up to 16M tokens at a time, cut into the two splits' ranges
+        k = max(j + 1, int(np.searchsorted(ends, ends[j] - lengths[j] + (16 << 20), "right")))
+        chunk, val = tokens[ends[j] - lengths[j]:ends[k - 1]], np.repeat(is_val[j:k], lengths[j:k])
+        for split, where in (("val", val), ("train", ~val)):
+            write_tokens(tmp, split, position[split], chunk[where])
+            position[split] += int(where.sum())
+        j = k
+    del tokens
+    os.remove(part(name, "tokens.bin"))
+    if write_rejects:  # this rank's rejects, from both passes, go with the source
+        with open(os.path.join(tmp, "rejects.jsonl" if world_size == 1 else f"rejects.{rank}.jsonl"), "wb") as out:
+            for kind in ("rejects.jsonl", "rejects_final.jsonl"):
+                if os.path.exists(part(name, kind)):
+                    with open(part(name, kind), "rb") as f:
+                        shutil.copyfileobj(f, out)
+    s.update(docs_out=len(lengths), tokens_train=mine["train"][0], tokens_val=mine["val"][0])
+    merged, probe_hits = merge(dedup.gather_json(s)), sum(dedup.gather_json(probe_hits), [])
+    if master:
+        if probe_terms:  # the documents that mention the probe's terms: the report counts their distinct copies
+            with open(os.path.join(tmp, "probe.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(hit, ensure_ascii=False) + "\n" for hit in probe_hits)
+        meta = {"source": name, "dtype": np.dtype(dtype).name, "vocab_size": enc.n_vocab, "tokenizer_hash": tok_hash,
+                **{split: {"files": [f"{split}_{i:06d}.bin" for i in range(-(-totals[split][0] // shard_tokens))],
+                           "tokens": totals[split][0], "documents": totals[split][1]} for split in ("train", "val")},
+                "shard_tokens": shard_tokens, "run": run_id, "stats": merged}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+        if os.path.exists(final):
+            os.rename(final, os.path.join(out_dir, f"{name}.old"))
+        os.rename(tmp, final)  # the commit point of the source
+        shutil.rmtree(os.path.join(out_dir, f"{name}.old"), ignore_errors=True)
+    dedup.barrier()
 
 # -----------------------------------------------------------------------------
-# report: stats.json and a table of what each step removed, per source
+# report: stats.json (the committed sources' stats) and a table of what each step removed, per source
 
-probes = [dedup.knowledge_frequency(probe_hits[i], terms, probe_window) for i, terms in enumerate(probe_terms)]
-stats_all = {"config": config, "tokenizer_hash": tok_hash, "sources": stats, "probe": probes}
-with open(os.path.join(out_dir, "stats.json.tmp"), "w", encoding="utf-8") as f:
-    json.dump(stats_all, f, indent=2, ensure_ascii=False)
-os.replace(os.path.join(out_dir, "stats.json.tmp"), os.path.join(out_dir, "stats.json"))  # the data dir is complete
-steps = ["clean", "language", "filter", "exact_dedup", "fuzzy_dedup", "decontaminate", "balance"]
-header = ["source", "docs in", "chars in", "bad input"] + steps + ["docs out", "tokens out"]
-rows = [[name, s["docs_in"], s["chars_in"], sum(s["bad_records"].values()) + sum(s["bad_files"].values())]
-        + [sum(s["removed"].get(step, {}).values()) for step in steps]
-        + [s["docs_out"], s["tokens_train"] + s["tokens_val"]] for name, s in stats.items()]
-widths = [max(len(f"{x:,}" if isinstance(x, int) else x) for x in col) for col in zip(header, *rows)]
-for row in [header] + rows:
-    print("  ".join((f"{x:,}" if isinstance(x, int) else x).rjust(w) for x, w in zip(row, widths)))
-for name, s in stats.items():
-    reasons = {step: r for step, r in s["removed"].items() if r}
-    print(f"{name}: bad records {s['bad_records'] or 'none'}, bad files {s['bad_files'] or 'none'}"
-          + "".join(f"\n  {reason} first at {', '.join(where)}" for reason, where in s["bad_examples"].items())
-          + f"\n  removed {reasons or 'nothing'}; "
-          f"{s['lines_removed']:,} lines cut; {s['docs_cut']} documents cut by decontamination; kept {s['languages']}")
-for p in stats_all["probe"]:
-    print(f"probe {p['terms']}: {p['documents']} documents, {p['distinct']} distinct after near-duplicate clustering")
-print(f"wrote {out_dir} in {time.time() - t_start:.0f}s: tokenizer {enc.n_vocab:,} ids ({tok_hash[:12]}), "
-      f"shards of {np.dtype(dtype).name}")
+if master:
+    stats = {name: json.load(open(os.path.join(out_dir, name, "meta.json")))["stats"] for name in sources}
+    hits = [json.loads(line) for name in sources if probe_terms
+            for line in open(os.path.join(out_dir, name, "probe.jsonl"), encoding="utf-8")]
+    probes = [dedup.knowledge_frequency([h["text"] for h in hits if h["terms"] == k], terms, probe_window)
+              for k, terms in enumerate(probe_terms)]
+    stats_all = {"config": config, "world_size": world_size, "tokenizer_hash": tok_hash, "sources": stats,
+                 "probe": probes}
+    with open(os.path.join(out_dir, "stats.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(stats_all, f, indent=2, ensure_ascii=False)
+    shutil.rmtree(work)
+    os.replace(os.path.join(out_dir, "stats.json.tmp"), os.path.join(out_dir, "stats.json"))  # the dir is complete
+    steps = ["clean", "language", "filter", "exact_dedup", "fuzzy_dedup", "decontaminate", "balance"]
+    header = ["source", "docs in", "chars in", "bad input"] + steps + ["docs out", "tokens out"]
+    rows = [[name, s["docs_in"], s["chars_in"], sum(s["bad_records"].values()) + sum(s["bad_files"].values())]
+            + [sum(s["removed"].get(step, {}).values()) for step in steps]
+            + [s["docs_out"], s["tokens_train"] + s["tokens_val"]] for name, s in stats.items()]
+    widths = [max(len(f"{x:,}" if isinstance(x, int) else x) for x in col) for col in zip(header, *rows)]
+    for row in [header] + rows:
+        print("  ".join((f"{x:,}" if isinstance(x, int) else x).rjust(w) for x, w in zip(row, widths)))
+    for name, s in stats.items():
+        reasons = {step: r for step, r in s["removed"].items() if r}
+        print(f"{name}: bad records {s['bad_records'] or 'none'}, bad files {s['bad_files'] or 'none'}"
+              + "".join(f"\n  {reason} first at {', '.join(where)}" for reason, where in s["bad_examples"].items())
+              + f"\n  removed {reasons or 'nothing'}; {s['lines_removed']:,} lines cut; {s['docs_cut']} documents "
+              f"cut by decontamination; kept {s['languages']}")
+    for p in probes:
+        print(f"probe {p['terms']}: {p['documents']} documents, {p['distinct']} distinct near-duplicate clusters")
+    print(f"wrote {out_dir} in {time.time() - t_start:.0f}s on {world_size} rank(s): tokenizer {enc.n_vocab:,} ids "
+          f"({tok_hash[:12]}), shards of {np.dtype(dtype).name}")
+pool.terminate()
+dedup.barrier()
+cleanup_distributed()

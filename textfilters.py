@@ -5,15 +5,17 @@ filters generated text with the same code (docs/design.md "Layout"). Deduplicati
     normalize(text)                               # NFKC, control characters out, ．，-> 。、 (Swallow)
     clean_lines(text, repeated=None)              # -> (text, lines dropped): boilerplate, ads, navigation
     line_hashes(text)                             # per-document unique line hashes, for cross-document counts
-    detect_language(text)                         # "ja" / "en" / "code" / "other" from script statistics
+    detect_language(text) / is_code_line(line)    # "ja" / "en" / "code" / "other" from script statistics
     quality_signals(text, lang) / filter_reason(signals, lang, thresholds)   # a reason string, or None
-    units(text) / ngram_hashes(unit_hashes, n)    # CJK characters and words as units; rolling n-gram hashes
+    sentences(text) / sentence_stats(...)         # Swallow's sentence rules, headings and list items aside
+    units(text) / ngram_hashes(unit_hashes, n)    # CJK characters (or script runs) and words; rolling n-gram hashes
     ngram_index(texts) / contaminated_spans(text, index) / cut_spans   # decontamination
     hashed_features(texts) / kmeans(X, k) / assign(X, centroids)        # cheap categories for balance
 Every function is deterministic: no Python hash() (salted per process), numpy generators with explicit seeds.
 """
 
 import hashlib
+import json
 import re
 import unicodedata
 import zlib
@@ -58,13 +60,23 @@ THRESHOLDS = {
     "max_dup_line_frac": 0.30, "max_dup_line_chars": 0.20, "max_dup_para_frac": 0.30, "max_dup_para_chars": 0.20,
     "max_top_ngram_chars": {2: 0.20, 3: 0.18, 4: 0.16},
     "max_dup_ngram_chars": {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-    # Japanese has no spaces: the n-grams above are over characters there, and a Japanese word is about two
-    # characters (our rough figure for MeCab morphemes), so n is doubled rather than compare 5 characters to 5 words
-    "cjk_ngram_scale": 2,
-    # Japanese (Swallow corpus, Okazaki et al. 2024): >= 400 characters, hiragana >= 0.2, katakana <= 0.5,
-    # Japanese letters >= 0.5, mean sentence length 20-90, no sentence over 200, <= 20% sentences ending in ・ or …
+    # Japanese has no spaces: its n-grams are over script runs (units(text, script_runs=True): a kanji, hiragana or
+    # katakana run is one unit), the closest thing to a word without a segmenter: トランスフォーマー is one unit as
+    # "transformer" is one word. A hiragana run often joins 2-3 MeCab morphemes (することができる), so n runs span
+    # at least n words and Gopher's n is used as is; the scale multiplies it. (Our earlier character n-grams at twice
+    # Gopher's n, 10-20 characters, fired on technical text for repeating a katakana term with its particle.)
+    "cjk_ngram_scale": 1,
+    # Japanese (Swallow corpus, Okazaki et al. 2024, arXiv:2404.17733): >= 400 characters, hiragana >= 0.2,
+    # katakana <= 0.5, Japanese letters >= 0.5, mean sentence length 20-90, <= 20% sentences ending in ・ or …
     "min_chars_ja": 400, "min_hiragana": 0.2, "max_katakana": 0.5, "min_japanese": 0.5,
-    "min_mean_sentence": 20.0, "max_mean_sentence": 90.0, "max_sentence": 200, "max_ellipsis_sentences": 0.2,
+    "min_mean_sentence": 20.0, "max_mean_sentence": 90.0, "max_ellipsis_sentences": 0.2,
+    # Swallow also drops a document with any sentence over 200 characters. Ours: a share instead, <= 20% of the
+    # characters past the 200th of their sentence (what cutting each long sentence at 200 would cut), so that one
+    # long sentence, common in technical and legal prose, costs little while a document that is mostly a run-on
+    # still goes; any-over-200 dropped tests/data/ja_technical.txt whole and 5 of its 7 600-character chunks.
+    # A line's unpunctuated rest is a sentence only from 40 characters (ours): shorter, it is a heading, list item
+    # or caption (30 list items of 12 characters put two paragraphs' mean at 19); longer, prose that lost its 。.
+    "long_sentence": 200, "max_long_sentence_excess": 0.2, "min_bare_sentence": 40,
     # llm-jp-corpus v1: zlib compressed/raw size within 0.30-0.70 (below: repetitive; above: random)
     "min_compression": 0.30, "max_compression": 0.70,
     # code (StarCoder data filters, Li et al. 2023): mean line <= 100, longest line <= 1000, >= 25% alphanumeric
@@ -72,15 +84,30 @@ THRESHOLDS = {
 }
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher's list
-_EN_COMMON = STOP_WORDS | {"a", "an", "is", "are", "was", "in", "on", "for", "it", "this", "as", "by", "or", "not"}
+# common English words that are not words of other Latin-script languages (no "de", "la", "die", "und", "no")
+_EN_COMMON = STOP_WORDS | {"a", "an", "is", "are", "was", "were", "been", "has", "had", "in", "on", "at", "for",
+                           "from", "into", "it", "its", "this", "these", "as", "by", "or", "not", "but", "if",
+                           "which", "what", "how", "when", "who", "can", "would", "should", "could", "more",
+                           "than", "we", "you", "they", "he", "she", "his", "her", "their", "our", "your"}
 _CJK = [(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F)]  # kana, kanji
+# script classes for units(script_runs=True): kanji (with 々 〆), hiragana, katakana (with ー)
+_SCRIPT_RANGES = [[(0x3005, 0x3006), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)],
+                  [(0x3041, 0x309F)], [(0x30A0, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F)]]
 _NON_WORD = re.compile(r"\W")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff]")
 _NAV_SEP = re.compile(r"\s[|>»›/•·]\s|[｜＞»›]")
-_SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
+# a sentence: up to a run of 。!? with the closing brackets after it, or up to a "." that ends an English sentence
+# inside Japanese text (after a lowercase letter, before a space: not 3.5, not "1. "), or the rest of the line
+_SENTENCE = re.compile(r".*?(?:[。！？!?]+[」』）)\]\"'”’]*|(?<=[a-z])\.(?= )|$)")
+_SENTENCE_CLOSERS, _SENTENCE_MARKS = "」』）)]\"'”’", ("。", "！", "？", "!", "?", ".", "…", "・")
+# `#(?!#)`: a comment or #include, not a Markdown heading (## Results)
 _CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|for .*:$|while .*:$|else:|try:|"
-                        r"except\b|#|//|/\*|public |private |function\b|var |let |const |[])}{]+[;,]?$|.*[;{]$|"
-                        r"@\w+|>>> |[\w.\[\]]+ *[-+*/|]?= *\S|[\w.]+\(.*\)$)")
+                        r"except\b|#(?!#)|//|/\*|public |private |function\b|var |let |const |[])}{]+[;,]?$|"
+                        r".*[;{]$|@\w+|>>> |[\w.\[\]]+ *[-+*/|]?= *\S|[\w.]+\(.*\)$)")
+_STRING_OR_COMMENT = re.compile(r"\"[^\"]*\"|'[^']*'|`[^`]*`|(#|//|/\*).*$")
+_JA_CHAR = re.compile("[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_JA_RUN = re.compile("[\u3041-\u309f]+|[\u30a0-\u30ff]+|[\u3005\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_OTHER_WORD = re.compile("[^\\W\\d_\u3005\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 
 
 # -----------------------------------------------------------------------------
@@ -139,28 +166,44 @@ def script_counts(text):
     return {name: len(text) - len(pattern.sub("", text)) for name, pattern in _SCRIPTS.items()}
 
 
+def is_code_line(line):
+    """Does the line look like code (keywords, comments, braces, semicolons, assignments, calls, decorators)? A line
+    with Japanese in it is code only when the Japanese sits in its strings or comments and the rest is code
+    (print("こんにちは"), x = 1  # 初期値): 事前学習(Pre-training) is a heading, not a call."""
+    if not _CODE_LINE.match(line):
+        return False
+    if not _JA_CHAR.search(line):
+        return True
+    rest = _STRING_OR_COMMENT.sub(lambda m: "" if m.group(1) else m.group()[0] * 2, line)
+    return bool(rest.strip()) and not _JA_CHAR.search(rest) and bool(_CODE_LINE.match(rest))
+
+
 def detect_language(text):
-    """code when at least 40% of non-empty lines look like code (keywords, comments, braces, semicolons,
-    assignments, calls, decorators);
-    ja when kana + kanji are at least 30% of the letters and kana is present (Chinese has no kana);
+    """code when at least 40% of non-empty lines are code lines (is_code_line);
+    ja when kana is present (Chinese has none) and Japanese words are at least 30% of the words, a Japanese word
+    counted as a run of one script (kanji, hiragana or katakana: 事前学習 は トランスフォーマー) as in units(): a
+    Japanese paragraph with English terms, headings or quotes in it is ja, an English one with a Japanese word is
+    not;
     en when Latin letters are at least 70% of the letters and common English words at least 8% of the words
     (25-30% in English prose; Spanish or German reach 8% only through a, in, on)."""
     lines = [line for line in text.split("\n") if line.strip()]
-    if lines and sum(bool(_CODE_LINE.match(line)) for line in lines) >= 0.4 * len(lines):
+    if lines and sum(map(is_code_line, lines)) >= 0.4 * len(lines):
         return "code"
     c = script_counts(text)
-    letters = max(1, c["letters"])
-    if (c["hiragana"] + c["katakana"] + c["kanji"]) >= 0.3 * letters and c["hiragana"] + c["katakana"] > 0:
+    ja_words = len(_JA_RUN.findall(text))
+    if c["hiragana"] + c["katakana"] > 0 and ja_words >= 0.3 * (ja_words + len(_OTHER_WORD.findall(text))):
         return "ja"
     words = re.findall(r"[a-z']+", text.lower())
-    if c["latin"] >= 0.7 * letters and words and sum(w in _EN_COMMON for w in words) >= 0.08 * len(words):
+    english = sum(w in _EN_COMMON for w in words)
+    if c["latin"] >= 0.7 * max(1, c["letters"]) and words and english >= 0.08 * len(words):
         return "en"
     return "other"
 
 
 # -----------------------------------------------------------------------------
 # units and n-gram hashes: a unit is one CJK character or one run of other word characters, so Japanese gets
-# character n-grams (Swallow) and English word n-grams (FineWeb) from the same code
+# character n-grams (Swallow's MinHash, decontamination) and English word n-grams (FineWeb) from the same code;
+# the repetition filters take Japanese by script runs instead (THRESHOLDS "cjk_ngram_scale")
 
 _P = np.uint64(1_000_003)                   # the polynomial hashes' base: odd, so invertible mod 2^64
 _P_INV = np.uint64(pow(1_000_003, -1, 2**64))
@@ -175,21 +218,33 @@ def _mix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-def units(text):
+def _in_ranges(cp, ranges):
+    return np.logical_or.reduce([(cp >= lo) & (cp <= hi) for lo, hi in ranges])
+
+
+def units(text, script_runs=False):
     """(hashes, lengths, spans) of the text's units: a uint64 hash per unit (ASCII case folded), its length in
-    characters and its (start, end) offsets (for cutting contaminated spans out). Vectorized over the code points:
-    one C-level re.sub marks the word characters, numpy finds the units and hashes each as the polynomial
-    sum(c_i * P^(end-1-i)), computed for all units at once from one prefix sum (P is odd, so it has an inverse
-    mod 2^64). A Python loop over the units cost 3-5x more (measured on ja_sample.txt and the stdlib)."""
+    characters and its (start, end) offsets (for cutting contaminated spans out). A unit is a run of word
+    characters, each CJK character on its own; with script_runs, a run of one script instead (kanji, hiragana,
+    katakana, other), Japanese's closest thing to words without a segmenter (the repetition filters).
+    Vectorized over the code points: one C-level re.sub marks the word characters, numpy finds the units and hashes
+    each as the polynomial sum(c_i * P^(end-1-i)), computed for all units at once from one prefix sum (P is odd, so
+    it has an inverse mod 2^64). A Python loop over the units cost 3-5x more (measured on ja_sample.txt and the
+    stdlib)."""
     n = len(text)
     if n == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
     word = np.frombuffer(_NON_WORD.sub("\0", text).encode("utf-32-le", "surrogatepass"), np.uint32) != 0
-    cjk = word & np.logical_or.reduce([(cp >= lo) & (cp <= hi) for lo, hi in _CJK])
-    run = word & ~cjk  # letters, digits and _ outside CJK: runs of them are words
-    starts = np.nonzero(cjk | (run & ~np.concatenate([[False], run[:-1]])))[0]
-    ends = np.nonzero(cjk | (run & ~np.concatenate([run[1:], [False]])))[0] + 1
+    if script_runs:  # 0 not a word character, 1 kanji, 2 hiragana, 3 katakana, 4 any other: a unit per run
+        script = np.select([~word] + [_in_ranges(cp, r) for r in _SCRIPT_RANGES], [0, 1, 2, 3], 4)
+        starts = np.nonzero((script > 0) & (script != np.concatenate([[0], script[:-1]])))[0]
+        ends = np.nonzero((script > 0) & (script != np.concatenate([script[1:], [0]])))[0] + 1
+    else:
+        cjk = word & _in_ranges(cp, _CJK)
+        run = word & ~cjk  # letters, digits and _ outside CJK: runs of them are words
+        starts = np.nonzero(cjk | (run & ~np.concatenate([[False], run[:-1]])))[0]
+        ends = np.nonzero(cjk | (run & ~np.concatenate([run[1:], [False]])))[0] + 1
     cp = np.where((cp >= 65) & (cp <= 90), cp + np.uint64(32), cp)  # A-Z -> a-z, lengths unchanged
     p_pow = np.multiply.accumulate(np.full(n, _P, np.uint64))        # P^(i+1), wrapping mod 2^64
     prefix = np.concatenate([[np.uint64(0)], np.cumsum(cp * np.multiply.accumulate(np.full(n, _P_INV, np.uint64)))])
@@ -225,7 +280,7 @@ def _dup_fraction(items):
 def repetition_stats(unit_hashes, unit_lengths, ns_top=(2, 3, 4), ns_dup=(5, 6, 7, 8, 9, 10), scale=1):
     """Gopher's n-gram repetition (Rae et al. 2021, App. A) over units, vectorized: for n in ns_top the share of
     characters in the most frequent n-gram; for n in ns_dup the share of characters covered by n-grams that occur
-    more than once. Keys are the unscaled n; the n-gram used is n * scale (scale 2 for Japanese characters)."""
+    more than once. Keys are the unscaled n; the n-gram used is n * scale (cjk_ngram_scale for Japanese)."""
     total = max(1, int(unit_lengths.sum()))
     top, dup = {}, {}
     for n in (*ns_top, *ns_dup):
@@ -248,8 +303,28 @@ def repetition_stats(unit_hashes, unit_lengths, ns_top=(2, 3, 4), ns_dup=(5, 6, 
     return top, dup
 
 
+def sentences(text):
+    """The text's sentences: each line cut after a run of 。!? (with the closing brackets after it) or after the "."
+    of an English sentence. A piece that does not end in sentence punctuation or an ellipsis (... ・) is a line's
+    unpunctuated rest: a heading, list item, caption, or prose without 。."""
+    return [x for line in text.split("\n") for x in (m.group().strip() for m in _SENTENCE.finditer(line)) if x]
+
+
+def sentence_stats(lengths, ended, t=THRESHOLDS):
+    """(mean sentence length, share of the characters past the t["long_sentence"]th of their sentence) for Swallow's
+    rules, from the lengths of sentences() and whether each ends in punctuation. An unpunctuated piece is a sentence
+    only from t["min_bare_sentence"] characters (shorter: a heading or list item). The mean is over the sentences up
+    to t["long_sentence"]: Swallow keeps no document with a longer one, so this is its mean on what it keeps, and the
+    long ones are judged once, by the second number: the share of the text that cutting each at the limit would cut."""
+    counted = lengths[ended | (lengths >= t["min_bare_sentence"])]
+    normal, long = counted[counted <= t["long_sentence"]], counted[counted > t["long_sentence"]]
+    mean = float(normal.mean()) if len(normal) else 0.0
+    return mean, int((long - t["long_sentence"]).sum()) / max(1, int(lengths.sum()))
+
+
 def quality_signals(text, lang, cjk_ngram_scale=THRESHOLDS["cjk_ngram_scale"], u=None):
-    """Every statistic the filters look at, as a dict. `u`: units(text), when the caller has it already."""
+    """Every statistic the filters look at, as a dict. `u`: units(text), when the caller has it already (Japanese
+    uses units(text, script_runs=True), made here)."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     paras = [p.strip() for p in text.split("\n\n") if p.strip()]
     words = text.split()
@@ -261,20 +336,23 @@ def quality_signals(text, lang, cjk_ngram_scale=THRESHOLDS["cjk_ngram_scale"], u
         return s
     s["dup_line_frac"], s["dup_line_chars"] = _dup_fraction(lines)
     s["dup_para_frac"], s["dup_para_chars"] = _dup_fraction(paras)
-    hashes, lengths, _ = u or units(text)
-    scale = cjk_ngram_scale if lang == "ja" else 1
-    s["top_ngram_chars"], s["dup_ngram_chars"] = repetition_stats(hashes, lengths, scale=scale)
+    if lang == "ja":
+        hashes, lengths, _ = units(text, script_runs=True)
+        s["top_ngram_chars"], s["dup_ngram_chars"] = repetition_stats(hashes, lengths, scale=cjk_ngram_scale)
+    else:
+        hashes, lengths, _ = u or units(text)
+        s["top_ngram_chars"], s["dup_ngram_chars"] = repetition_stats(hashes, lengths)
     s["line_punct"] = sum(line.endswith(tuple(".!?\"'。！？」』)")) for line in lines) / max(1, len(lines))
     s["short_lines"] = sum(len(line) < 30 for line in lines) / max(1, len(lines))
     if lang == "ja":
         c = script_counts(text)
         letters = max(1, c["letters"])
-        sentences = [x for x in _SENTENCE_END.split(text) if x.strip()]
-        slen = [len(x.strip()) for x in sentences]
+        sents = sentences(text)
+        s["sentence_lengths"] = np.array([len(x) for x in sents], np.int64)
+        s["sentence_ended"] = np.array([x.rstrip(_SENTENCE_CLOSERS).endswith(_SENTENCE_MARKS) for x in sents], bool)
         s.update(hiragana=c["hiragana"] / letters, katakana=c["katakana"] / letters,
                  japanese=(c["hiragana"] + c["katakana"] + c["kanji"]) / max(1, len(text.replace("\n", ""))),
-                 mean_sentence=sum(slen) / max(1, len(slen)), max_sentence=max(slen, default=0),
-                 ellipsis_sentences=sum(x.strip().endswith(("・", "…")) for x in sentences) / max(1, len(sentences)),
+                 ellipsis_sentences=sum(x.endswith(("・", "…", "...")) for x in sents) / max(1, len(sents)),
                  compression=len(zlib.compress(text.encode())) / max(1, len(text.encode())))
     else:
         s.update(mean_word_len=sum(map(len, words)) / max(1, len(words)),
@@ -296,12 +374,13 @@ def filter_reason(s, lang, t=THRESHOLDS):
                   ("code_mean_line", s["mean_line"] > t["max_mean_line_code"]),
                   ("code_alnum", s["alnum"] < t["min_alnum_code"])]
     elif lang == "ja":
+        mean_sentence, long_excess = sentence_stats(s["sentence_lengths"], s["sentence_ended"], t)
         checks = [("too_short", s["chars"] < t["min_chars_ja"]),
                   ("ja_hiragana", s["hiragana"] < t["min_hiragana"]),
                   ("ja_katakana", s["katakana"] > t["max_katakana"]),
                   ("ja_letters", s["japanese"] < t["min_japanese"]),
-                  ("ja_sentence_mean", not t["min_mean_sentence"] <= s["mean_sentence"] <= t["max_mean_sentence"]),
-                  ("ja_sentence_max", s["max_sentence"] > t["max_sentence"]),
+                  ("ja_long_sentences", long_excess > t["max_long_sentence_excess"]),
+                  ("ja_sentence_mean", not t["min_mean_sentence"] <= mean_sentence <= t["max_mean_sentence"]),
                   ("ja_ellipsis", s["ellipsis_sentences"] > t["max_ellipsis_sentences"]),
                   ("compression", not t["min_compression"] <= s["compression"] <= t["max_compression"]),
                   ("line_punct", s["line_punct"] < t["min_line_punct_ja"])]
@@ -332,6 +411,18 @@ def filter_reason(s, lang, t=THRESHOLDS):
 def _decontam_n(unit_lengths, n_word, n_cjk):
     cjk = np.count_nonzero(unit_lengths == 1)  # single-character units are almost all CJK characters
     return n_cjk if cjk > len(unit_lengths) / 2 else n_word
+
+
+def eval_items(paths):
+    """The items of evaluation sets, to decontaminate against: a line of a .txt file, or every string value of a
+    .jsonl line."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
+                if path.endswith(".jsonl"):
+                    yield from (v for v in json.loads(line).values() if isinstance(v, str))
+                else:
+                    yield line
 
 
 def ngram_index(texts, n_word=12, n_cjk=24):

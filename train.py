@@ -504,5 +504,7 @@ if not lr_range_test and not stop:  # after SIGTERM the grace period is for the 
     save_checkpoint(os.path.join(out_dir, "model"), model, enc, stage="pretrain", dtype=ptdtype,
                     extra={"step": step, "tokens": loader["batches"] * tokens_per_step, "config": config})
     print0(f"saved the model to {os.path.join(out_dir, 'model')}")
+if wandb_project and master:
+    wandb.finish()  # now: cleanup_distributed leaves without the interpreter's exit handlers
 dist.barrier()  # every rank leaves together, after rank 0's export: torchrun then sees one clean exit
 cleanup_distributed()

@@ -411,3 +411,102 @@ def test_a_document_that_makes_a_step_raise_is_counted_not_fatal(robust, tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["boom"]
     assert stats["removed"] == {"clean": {"error_ValueError": 1}} and stats["docs_out"] == len(good["good.jsonl"])
+
+
+# -----------------------------------------------------------------------------
+# many ranks and a killed run: the same bytes
+
+def prose(rng, n=120):
+    """English-like text of the words of the sample (their frequencies kept, so stop words come often): passes the
+    quality filters, and two such documents share almost no 5-grams."""
+    words = " ".join(EN).replace(".", "").replace(",", "").split()
+    return " ".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(n // 12))
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """Two sources of 6 files each; copies across files and sources, placed after their originals: an exact copy
+    (case and spaces changed), a near copy, a chain of near copies over three files (A ~ B ~ C), and a line of site
+    chrome in 5 documents of each source. Returns the corpus and a one-rank run's output."""
+    root = tmp_path_factory.mktemp("many")
+    rng = random.Random(1)
+    files = [[prose(rng) for _ in range(10)] for _ in range(12)]
+    files[7][3] = "  " + files[1][2].upper().replace(" ", "  ")  # exact copy, in the other source
+    files[9][0] = files[2][5].replace(" ", " fox ", 1)  # near copy: one word more
+    files[4][1] = files[3][1].replace(" ", " badger ", 1)  # a chain: 3 ~ 4 ~ 8
+    files[8][6] = files[4][1].rsplit(" ", 3)[0] + " river village night."
+    for i in (0, 1, 2, 3, 5, 6, 7, 8, 10, 11):  # a chrome line in 5 files of each source (repeated_line_min_docs=4)
+        files[i][i % 10] = REPEATED + "\n" + files[i][i % 10]
+    for i, docs in enumerate(files):
+        (root / "ab"[i // 6]).mkdir(exist_ok=True)
+        (root / "ab"[i // 6] / f"{i:02d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = root / "one"
+    result = subprocess.run(many_args(root, out), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, out
+
+
+def many_args(root, out, launcher=None):
+    return (launcher or [sys.executable]) + [
+        os.path.join(ROOT, "prepare_data.py"), f"--input={root}/a,{root}/b", f"--out_dir={out}", "--vocab_size=300",
+        "--shard_tokens=1000", "--val_every=7", "--repeated_line_min_docs=4", "--balance_clusters=2",
+        "--balance_max_share=0.6", "--minhash_threshold=0.7", "--num_proc=1"]
+
+
+def same_output(one, other):
+    """Every file of two data dirs is byte-identical, except that stats.json records the run's own settings."""
+    def listing(d):
+        return sorted(os.path.relpath(p, d) for p in glob.glob(os.path.join(d, "**", "*"), recursive=True)
+                      if os.path.isfile(p))
+    assert listing(one) == listing(other) and any(f.endswith(".bin") for f in listing(one))
+    for f in listing(one):
+        a, b = open(os.path.join(one, f), "rb").read(), open(os.path.join(other, f), "rb").read()
+        if f == "stats.json":
+            a, b = json.loads(a), json.loads(b)
+            for s in (a, b):
+                del s["world_size"], s["config"]["out_dir"]
+        assert a == b, f
+
+
+def test_one_two_and_three_ranks_write_the_same_bytes(many):
+    root, one = many
+    stats = json.loads((one / "stats.json").read_text())
+    a, b = stats["sources"]["a"], stats["sources"]["b"]
+    assert b["removed"]["exact_dedup"] == {"exact_duplicate": 1}  # a copy of source a's document
+    assert a["removed"]["fuzzy_dedup"] == {"near_duplicate": 1} and b["removed"]["fuzzy_dedup"] == {"near_duplicate": 2}
+    assert a["lines_removed"] == b["lines_removed"] == 5 and sum(a["removed"]["balance"].values()) > 0
+    for n in (2, 3):
+        out = root / f"ranks{n}"
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        result = subprocess.run(many_args(root, out, torchrun), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert json.loads((out / "stats.json").read_text())["world_size"] == n
+        same_output(one, out)
+
+
+def test_a_run_killed_while_writing_the_second_source_resumes_to_the_same_bytes(many, tmp_path):
+    """kill -9 at the first shard write of source b (source a committed, b's tokens on disk, b.tmp half made); the
+    rerun skips what is done (cleaning, dedup, tokenizer, categories, source a) and gives the same bytes."""
+    root, one = many
+    out = tmp_path / "out"
+    kill = ("import os, runpy, signal, sys\n"
+            "real_open = os.open\n"
+            "def open_or_die(path, flags, *args, **kwargs):\n"
+            f"    if str(path).startswith({str(out / 'b.tmp')!r}) and flags & os.O_WRONLY:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real_open(path, flags, *args, **kwargs)\n"
+            "os.open = open_or_die\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    killed = subprocess.run(many_args(root, out, [sys.executable, "-c", kill]), capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert (out / "a" / "meta.json").exists() and (out / "b.tmp").exists() and not (out / "stats.json").exists()
+    a_shards = {p.name: p.stat().st_mtime_ns for p in (out / "a").iterdir()}
+    rerun = subprocess.run(many_args(root, out), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "clean + filter" not in rerun.stderr and "a: decontaminate" not in rerun.stderr
+    assert "b: decontaminate + tokenize" in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "a").iterdir()} == a_shards  # source a untouched
+    same_output(one, out)
