@@ -184,13 +184,13 @@ def clean_batch(unfiltered, repeated_path, docs):
 def final_batch(tokenizer_dir, balance_path, docs):
     """Pass 3, per document: (the document, contaminated spans, its text after an optional cut, its cluster, its
     token ids)."""
-    enc = loaded("tokenizer", tokenizer_dir, load_tokenizer)
+    tok = loaded("tokenizer", tokenizer_dir, load_tokenizer)
     saved = loaded("balance", balance_path, lambda path: dict(np.load(path)))
     spans = [tf.contaminated_spans(d["text"], index, decontam_ngram, decontam_ngram_cjk) for d in docs]
     texts = [tf.cut_spans(d["text"], sp) if sp and decontam_mode == "cut" else d["text"] for d, sp in zip(docs, spans)]
     clusters = tf.assign(tf.hashed_features(texts), saved["centroids"]) if saved else [0] * len(docs)
-    ids = encode_batch(enc, texts, num_threads=1)  # one thread per process: the processes are the parallelism
-    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
+    ids = encode_batch(tok, texts, num_threads=1)  # one thread per process: the processes are the parallelism
+    dtype = np.uint16 if tok.n_vocab <= 65536 else np.uint32
     return [(d, sp, text, int(c), np.array(t, dtype)) for d, sp, text, c, t in zip(docs, spans, texts, clusters, ids)]
 
 
@@ -285,6 +285,12 @@ def read_source(name):
     yield from itertools.islice(docs, max_docs or None)
 
 
+def part(name, kind, r=None):
+    """This rank's (or rank r's) file of one kind for a source, in the work directory."""
+    stem, ext = os.path.splitext(kind)
+    return os.path.join(work, name, f"{stem}.{rank if r is None else r}{ext}")
+
+
 def batched(iterable, n):
     it = iter(iterable)
     while batch := list(itertools.islice(it, n)):
@@ -296,16 +302,12 @@ def bar(iterable, desc):
 
 
 # -----------------------------------------------------------------------------
-# pass 1 per source: count each line's documents exactly (dedup.repeated_hashes, over the ranks that own the hashes),
-# so that lines repeated across many documents (site chrome) can be cut in pass 2: the sorted hashes found in
-# repeated_line_min_docs documents or more
+# passes 1 and 2 per source. Pass 1 counts each line's documents exactly (dedup.repeated_hashes, over the ranks that
+# own the hashes): the lines in repeated_line_min_docs documents or more are site chrome, cut in pass 2. Pass 2 cleans
+# and filters in the workers; this rank's kept documents go to its cleaned.jsonl, their exact hashes and LSH bands
+# beside it for the dedup
 index_bytes = index_memory_mb << 20
 rows_per_round = max(1024, index_bytes // 64)  # keys a rank sends per all-to-all round
-def part(name, kind, r=None):
-    """This rank's (or rank r's) file of one kind for a source, in the work directory."""
-    stem, ext = os.path.splitext(kind)
-    return os.path.join(work, name, f"{stem}.{rank if r is None else r}{ext}")
-
 
 for name in sources:
     s = stats[name]
