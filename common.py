@@ -274,31 +274,6 @@ def read_tokens(shards, start, length):
 
 
 # -----------------------------------------------------------------------------
-# a stage's own JSONL outputs (synth.py, dpo.py), one line per record and flushed: a kill loses at most the line
-# being written
-
-def read_jsonl(path):
-    """The complete records of one of our own JSONL files, [] when there is none. A last line cut off by a kill is
-    no record (its work is redone). Read-only, so any rank may read another rank's file while it is written."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
-
-
-def append_jsonl(path):
-    """Open one's own JSONL file for appending: a last line that a kill cut mid-write is removed first, so the next
-    record starts on a line of its own."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
-# -----------------------------------------------------------------------------
 # FSDP2: every rank holds 1/N of each parameter, gradient and optimizer state (ZeRO-3;
 # docs/recipe.md "General guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native
 # equivalent.

@@ -7,6 +7,7 @@ document per file, cut at blank lines past text_doc_chars). A directory is walke
     list_files(paths)                      # the sorted files under comma-separated paths; a missing one is an error
     read_files(paths, counts, limits)      # their documents, in order; bad records and files counted in `counts`
     new_counts()                           # {"bad_records", "bad_files", "bad_examples"}: what read_files fills in
+    read_jsonl(path, counts) / append_jsonl(path)   # every stage's JSONL reader (bad lines counted); own outputs
     share(n, rank, world_size, sizes)      # a rank's contiguous share of the files (prepare_data.py under torchrun)
     builtin_docs(kind)                     # built-in sources (stdlib prose and code, Japanese templates): no download
 """
@@ -118,6 +119,68 @@ def record_text(value, where, s, text_field="text", parse=True):
     if SURROGATE.search(text):  # valid JSON, not valid Unicode: every later step would fail on it
         return bad(s, "lone_surrogate", where)
     return text
+
+
+ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_record(line, where, s):
+    """One JSONL line as a dict, or None if it is bad (counted in `s` with `where`): broken or too deeply nested JSON,
+    not a JSON object, or a lone surrogate in a string (valid JSON, not valid Unicode: it fails every later encode)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return bad(s, "broken_json", where)
+    except RecursionError:  # valid JSON nested too deep for the parser, e.g. "[" * 100000
+        return bad(s, "nested_too_deep", where)
+    if not isinstance(value, dict):
+        return bad(s, "not_an_object", where)
+    if ESCAPED_SURROGATE.search(line):  # escaped surrogates: a pair is one character, a lone one cannot be encoded
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return bad(s, "lone_surrogate", where)
+    return value
+
+
+def read_jsonl(path, counts=None, complete_only=False, numbered=False, max_line_bytes=LIMITS["max_line_bytes"]):
+    """The records (dicts) of a JSONL file, in order, or [(line number, record)] when numbered: the one reader of
+    every stage (prepare_data, synth, sft, dpo, eval). A bad line (invalid UTF-8, over max_line_bytes, broken or too
+    deep JSON, not an object, a lone surrogate) is counted by reason in `counts` (new_counts(): with its file:line)
+    and skipped; without `counts`, what was skipped is printed. complete_only: for our own files that a kill may have
+    cut, a last line without its newline is no record (its work is redone), not a bad one."""
+    mine = new_counts() if counts is None else counts
+    if not os.path.exists(path):
+        return []
+    records, at = [], [0]
+    with open_binary(path) as f:
+        for line in read_lines(f, path, mine, at, max_line_bytes):
+            if complete_only and not line.endswith("\n"):
+                break
+            if line.strip() and (record := parse_record(line, f"{path}:{at[0]}", mine)) is not None:
+                records.append((at[0], record) if numbered else record)
+    if counts is None and mine["bad_records"]:
+        print(f"{path}: {bad_lines(mine)}", file=sys.stderr)
+    return records
+
+
+def bad_lines(counts):
+    """One line saying what read_jsonl skipped, or "" when nothing was."""
+    reasons = [f"{reason} x{k} (first at {', '.join(counts['bad_examples'][reason][:3])})"
+               for reason, k in counts["bad_records"].items()]
+    return f"skipped {sum(counts['bad_records'].values())} bad line(s): {'; '.join(reasons)}" if reasons else ""
+
+
+def append_jsonl(path):
+    """A stage's own JSONL outputs (synth.py, dpo.py) are written a line per record and flushed, so a kill loses at
+    most the line being written. Open one's own JSONL file for appending: a last line that a kill cut mid-write is removed first, so the next
+    record starts on a line of its own."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
 
 
 def json_docs(f, path, s, text_field="text", max_json_bytes=LIMITS["max_json_bytes"]):

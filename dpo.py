@@ -44,7 +44,8 @@ from torch.distributed.device_mesh import init_device_mesh
 import textfilters as tf
 from checkpoint import (latest_checkpoint, load_checkpoint, load_for_finetuning, load_train_checkpoint, save_finetuned,
                         save_train_checkpoint)
-from common import append_jsonl, cleanup_distributed, load_config, lr_at, print0, read_jsonl, setup_distributed
+from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
+from corpus import append_jsonl, bad, bad_lines, new_counts, read_jsonl
 from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from model import lora_disabled
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
@@ -168,27 +169,25 @@ def read_prompts(path, limit):
     is not a conversation ending with a user turn is counted and skipped."""
     if not os.path.isfile(path):
         raise SystemExit(f"prompts not found: {path} (synth.py writes out/synth/chat.jsonl)")
-    out, broken = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-                if messages and messages[-1]["role"] == "assistant":
-                    messages = messages[:-1]  # synth.py stores the teacher's answer last: the policy answers instead
-                if not messages or messages[-1]["role"] != "user" or not all(isinstance(m["content"], str)
-                                                                             for m in messages):
-                    raise ValueError("does not end with a user turn")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                broken += 1
-                print0(f"{path}:{line_no}: skipped, not a prompt ({type(e).__name__}: {str(e)[:100]})")
-                continue
-            out.append({"id": record.get("id", line_no), "messages": messages, "answer": record.get("answer"),
-                        "lang": record.get("lang", "ja")})
-            if len(out) == limit:
-                break
+    out, skipped = [], new_counts()
+    for line_no, record in read_jsonl(path, skipped, numbered=True):  # invalid UTF-8, broken JSON: skipped
+        try:
+            messages = record["messages"]
+            if messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]  # synth.py stores the teacher's answer last: the policy answers instead
+            if not messages or messages[-1]["role"] != "user" or not all(isinstance(m["content"], str)
+                                                                         for m in messages):
+                raise ValueError("does not end with a user turn")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            bad(skipped, "not_a_prompt", f"{path}:{line_no} ({type(e).__name__}: {str(e)[:100]})")
+            continue
+        out.append({"id": record.get("id", line_no), "messages": messages, "answer": record.get("answer"),
+                    "lang": record.get("lang", "ja")})
+        if len(out) == limit:
+            break
+    broken = sum(skipped["bad_records"].values())
+    if broken:
+        print0(f"{path}: {bad_lines(skipped)}")
     return out, broken
 
 
@@ -241,7 +240,7 @@ def generate_answers(policy_dir, records, round_dir, name, url):
 def read_answers(round_dir, name):
     """Every rank's records of round_dir/<name>_<rank>.jsonl (the world size may have changed since they were
     written)."""
-    return [r for p in sorted(glob.glob(os.path.join(round_dir, f"{name}_*.jsonl"))) for r in read_jsonl(p)]
+    return [r for p in sorted(glob.glob(os.path.join(round_dir, f"{name}_*.jsonl"))) for r in read_jsonl(p, complete_only=True)]
 
 
 def prompt_fits(enc, messages):
@@ -351,7 +350,7 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     """DPO of the policy in policy_dir on round_dir/pairs.jsonl; writes model_dir and round_dir/train.json."""
     enc = load_tokenizer(policy_dir)
     pad_id = special_id(enc, "<|pad|>")
-    pairs = read_jsonl(os.path.join(round_dir, "pairs.jsonl"))
+    pairs = read_jsonl(os.path.join(round_dir, "pairs.jsonl"), complete_only=True)
 
     data, too_long = [], 0
     for i, p in enumerate(pairs):

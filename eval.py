@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import corpus
 import textfilters as tf
 from checkpoint import load_checkpoint
 from common import load_config, open_shards, read_tokens, set_cpu_threads
@@ -101,9 +102,10 @@ def kind_of(task):
 
 
 def read_jsonl(path, limit=None):
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return records[:limit]
+    """The records of an evaluation set; a bad line is skipped and reported with its file:line (corpus.read_jsonl)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"evaluation set not found: {path}")
+    return corpus.read_jsonl(path)[:limit]
 
 
 # -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+import corpus
 from checkpoint import (
     latest_checkpoint,
     load_for_finetuning,
@@ -121,29 +122,29 @@ def read_conversations(path):
     never fatal: one bad record in 50,000 should not cost a run."""
     if not os.path.isfile(path):
         raise SystemExit(f"chat data not found: {path} (synth.py writes out/synth/chat.jsonl)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    out, bad = [], corpus.new_counts()
+    for line_no, record in corpus.read_jsonl(path, bad, numbered=True):  # invalid UTF-8, broken JSON: skipped
+        try:
+            ids, mask = render_chat(enc, record["messages"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            counts["broken"] += 1
+            print0(f"{path}:{line_no}: skipped, not a conversation ({type(e).__name__}: {str(e)[:100]})")
+            continue
+        if len(ids) > seq_len + 1:
+            if too_long == "drop":
+                counts["dropped"] += 1
                 continue
-            try:
-                ids, mask = render_chat(enc, json.loads(line)["messages"])
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-                counts["broken"] += 1
-                print0(f"{path}:{line_no}: skipped, not a conversation ({type(e).__name__}: {str(e)[:100]})")
-                continue
-            if len(ids) > seq_len + 1:
-                if too_long == "drop":
-                    counts["dropped"] += 1
-                    continue
-                counts["truncated"] += 1
-                ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-            if all(t == -1 for t in targets):  # nothing to learn (no assistant turn, or truncated before it)
-                counts["no_assistant"] += 1
-                continue
-            counts["conversations"] += 1
-            out.append((ids[:-1], targets))
+            counts["truncated"] += 1
+            ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+        targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        if all(t == -1 for t in targets):  # nothing to learn (no assistant turn, or truncated before it)
+            counts["no_assistant"] += 1
+            continue
+        counts["conversations"] += 1
+        out.append((ids[:-1], targets))
+    counts["broken"] += sum(bad["bad_records"].values())
+    if bad["bad_records"]:
+        print0(f"{path}: {corpus.bad_lines(bad)}")
     return out
 
 

@@ -35,7 +35,8 @@ import concurrent.futures
 
 import dedup
 import textfilters as tf
-from common import append_jsonl, load_config, read_jsonl, set_cpu_threads
+from common import load_config, set_cpu_threads
+from corpus import append_jsonl, read_jsonl
 from llm_api import chat_completion
 
 # -----------------------------------------------------------------------------
@@ -294,10 +295,10 @@ def load_passages(path="", limit=500, min_chars=200, max_chars=2000):
     draws the same one."""
     texts = []
     if path:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                texts = [json.loads(line).get("text", "") for line in f if line.strip()]
-            else:
+        if path.endswith(".jsonl"):  # bad lines are skipped and reported, with their file:line
+            texts = [r.get("text", "") if isinstance(r.get("text"), str) else "" for r in read_jsonl(path)]
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 texts = f.read().split("\n\n")
     else:
         root = sysconfig.get_paths()["stdlib"]
@@ -538,7 +539,7 @@ if __name__ == "__main__":
 
     # resume: ids already written (kept or rejected) are done; failures are retried. The dedup index is rebuilt
     # from what was kept, so a duplicate of a sample written before a kill is still caught after it.
-    kept, rejected = read_jsonl(paths["chat"]), read_jsonl(paths["rejected"])
+    kept, rejected = read_jsonl(paths["chat"], complete_only=True), read_jsonl(paths["rejected"], complete_only=True)
     done = {r["id"] for r in kept} | {r["id"] for r in rejected}
     seen = Dedup()
     for r in kept:
@@ -596,7 +597,7 @@ if __name__ == "__main__":
         f.close()
 
     # the pretraining form of everything kept so far, rewritten whole (write aside, then rename: never half a file)
-    kept = read_jsonl(paths["chat"])
+    kept = read_jsonl(paths["chat"], complete_only=True)
     tmp = os.path.join(out_dir, "pretrain.jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in sorted(kept, key=lambda r: r["id"]):

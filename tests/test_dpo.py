@@ -218,10 +218,13 @@ def write_prompts(path, n, seed=0, broken=False):
         lines.append(json.dumps({"id": i, "task": t["kind"], "lang": t["lang"], "answer": t["answer"],
                                  "messages": [{"role": "user", "content": t["turns"][0]},
                                               {"role": "assistant", "content": t["answer"]}]}, ensure_ascii=False))
-    if broken:
-        lines.insert(3, lines[3][:25])  # cut mid-record
-        lines.insert(5, json.dumps({"messages": [{"role": "assistant", "content": "no question"}]}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raw = [line.encode() for line in lines]
+    if broken:  # lines 4, 6, 8 and 10
+        raw.insert(3, raw[3][:25])  # cut mid-record
+        raw.insert(5, json.dumps({"messages": [{"role": "assistant", "content": "no question"}]}).encode())
+        raw.insert(7, b'{"messages": "not utf-8 \xff"}')
+        raw.insert(9, b"[" * 100_000)  # valid JSON too deep for the parser
+    path.write_bytes(b"\n".join(raw) + b"\n")
 
 
 class RatingJudge(BaseHTTPRequestHandler):
@@ -258,7 +261,8 @@ def test_sampling_and_judging_through_serve(tmp_path, enc):
         # the tiny random model as the judge never writes "[[N]]": each judgment is asked 1 + 1 times, then counted
         out = run(DPO, *common, f"--out_dir={tmp_path / 'a'}", f"--judge_base_url={policy.url}",
                   "--judge_model=policy", "--judge_retries=1")
-        assert "2 broken lines skipped" in out.stdout
+        assert "4 broken lines skipped" in out.stdout
+        assert all(f"prompts.jsonl:{n}" in out.stdout for n in (4, 6, 8, 10)), out.stdout
         samples = dpo.read_answers(tmp_path / "a" / "round_0", "samples")
         assert sorted(r["id"] for r in samples) == list(range(8))
         # 8 prompts x 2 samples, plus one greedy answer for each of the 2 evaluated (held-out) prompts

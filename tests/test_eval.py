@@ -244,7 +244,7 @@ def test_eval_end_to_end_fills_every_section(tmp_path, enc):
     arena = tmp_path / "arena.jsonl"
     rng = np.random.default_rng(0)
     battles = simulate({"a": 1100.0, "b": 1000.0, "c": 900.0}, 300, rng, tie_rate=0.1)
-    arena.write_text("\n".join(json.dumps(r) for r in battles))
+    arena.write_bytes("\n".join(json.dumps(r) for r in battles).encode() + b"\n\xff\n" + b"[" * 100_000 + b"\n")
     judge = ThreadingHTTPServer(("127.0.0.1", 0), FixedJudge)
     threading.Thread(target=judge.serve_forever, daemon=True).start()
     out = tmp_path / "eval"
@@ -260,6 +260,7 @@ def test_eval_end_to_end_fills_every_section(tmp_path, enc):
         judge.shutdown()
         judge.server_close()
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "arena.jsonl:301" in run.stderr and "arena.jsonl:302" in run.stderr  # bad lines named and skipped
     result = json.loads((out / "eval.json").read_text())
     numbers = lambda *xs: all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
     assert set(result["val"]) == {"ja", "en"}

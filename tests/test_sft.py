@@ -143,7 +143,7 @@ def sft(*args, expect_fail=False, nproc=1):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, enc):
-    """A tiny LoRA SFT run on 400 offline tasks, from a random checkpoint, with two broken lines in the data."""
+    """A tiny LoRA SFT run on 400 offline tasks, from a random checkpoint, with four broken lines in the data."""
     tmp = tmp_path_factory.mktemp("sft")
     torch.manual_seed(0)
     save_checkpoint(tmp / "base", Transformer(ModelConfig(vocab_size=enc.n_vocab, d_model=64, n_layer=2, n_head=4,
@@ -152,7 +152,10 @@ def run(tmp_path_factory, enc):
     lines = [json.dumps(c, ensure_ascii=False) for c in conversations(400)]
     lines[7] = lines[7][:30]  # cut mid-record, as a killed writer leaves it
     lines[50] = json.dumps({"messages": [{"role": "robot", "content": "?"}]})  # valid JSON, not a conversation
-    (tmp / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raw = [line.encode() for line in lines]
+    raw.insert(100, b'{"messages": "not utf-8 \xff\xfe"}')  # becomes line 101
+    raw.insert(200, b"[" * 100_000)  # valid JSON too deep for the parser: line 201
+    (tmp / "chat.jsonl").write_bytes(b"\n".join(raw) + b"\n")
     args = [f"--init_from={tmp / 'base'}", f"--data={tmp / 'chat.jsonl'}", f"--out_dir={tmp / 'out'}",
             "--dtype=float32", "--seq_len=128", "--batch_size=8", "--micro_batch_size=4", "--max_iters=30",
             "--lora_rank=8", "--lora_alpha=16.0", "--learning_rate=1e-2", "--warmup_iters=3", "--log_interval=5",
@@ -186,8 +189,11 @@ def test_tiny_sft_lowers_held_out_loss_and_writes_a_loadable_checkpoint(run, enc
 
 def test_broken_lines_are_counted_and_skipped(run):
     _, out, records = run
-    assert records[0]["broken"] == 2 and records[0]["conversations"] == 398
-    assert "chat.jsonl:8: skipped" in out.stdout and "chat.jsonl:51: skipped" in out.stdout
+    assert records[0]["broken"] == 4 and records[0]["conversations"] == 398
+    assert "broken_json x1 (first at " in out.stdout and "chat.jsonl:8)" in out.stdout  # cut mid-record
+    assert "chat.jsonl:51: skipped, not a conversation" in out.stdout
+    assert "invalid_utf8 x1" in out.stdout and "chat.jsonl:101)" in out.stdout
+    assert "nested_too_deep x1" in out.stdout and "chat.jsonl:201)" in out.stdout
 
 
 def test_full_fine_tuning_padded_two_ranks_and_resume(run):

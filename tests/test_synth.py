@@ -179,8 +179,9 @@ def test_teacher_tasks_build_deterministic_prompts(tmp_path):
         if task["layout"]:
             assert synth.LAYOUT[task["lang"]][0] in task["turns"][0]
     path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"passage {i} " + "x" * 300}) for i in range(3)) + "\n")
-    assert len(synth.load_passages(str(path))) == 3
+    path.write_bytes("\n".join(json.dumps({"text": f"passage {i} " + "x" * 300}) for i in range(3)).encode()
+                     + b"\n\xff not utf-8\n")
+    assert len(synth.load_passages(str(path))) == 3  # the bad line 4 skipped (and reported on stderr)
 
 
 # -----------------------------------------------------------------------------
