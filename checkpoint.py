@@ -2,23 +2,25 @@
 Checkpoints, which several stages share: the model + config + tokenizer directory every later stage
 loads (safetensors, written and read one tensor or one shard at a time), a sharded model filled rank by rank from
 scratch or from such a checkpoint, the fine-tuning model build and its merged export, and the training checkpoints
-(DCP) that a run resumes from.
+(DCP) that a run resumes from, each checked against the manifest written when it was committed.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from common import shard_model
+from common import print0, shard_model
 from model import ModelConfig, Transformer, add_lora, init_value
 from tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -59,13 +61,30 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 def read_safetensors_header(path):
-    """(header {name: {"dtype", "shape", "data_offsets"}}, byte offset where the data begins) of a safetensors file."""
+    """(header {name: {"dtype", "shape", "data_offsets"}}, byte offset where the data begins) of a safetensors file,
+    checked against the file: every tensor's bytes are its shape's, within the file, and the file holds no more."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= 100_000_000:
             raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: unreadable header ({e})") from None
     header.pop("__metadata__", None)
+    data_bytes, end = os.path.getsize(path) - 8 - n, 0
+    for name, entry in header.items():
+        try:
+            start, stop = entry["data_offsets"]
+            size = math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: a bad header entry for {name}: {entry} ({e!r})") from None
+        if stop - start != size or not 0 <= start <= stop:
+            raise ValueError(f"{path}: {name} is {entry['shape']} {entry['dtype']} ({size} bytes) but has bytes "
+                             f"{start}-{stop}")
+        end = max(end, stop)
+    if end != data_bytes:
+        raise ValueError(f"{path} holds {data_bytes} bytes of tensors, its header {end} (truncated?)")
     return header, 8 + n
 
 
@@ -101,6 +120,7 @@ def save_checkpoint(directory, model, enc, stage, extra=None, dtype=None, state=
     gathered one by one and rank 0 writes them, so no rank holds the whole model (write_safetensors). `state`: the
     tensors to write under the model's names, when they are not model.state_dict() (save_finetuned's merge)."""
     state = model.state_dict() if state is None else state
+    refuse_nonfinite(state, directory)
     writer = not any(isinstance(t, DTensor) for t in state.values()) or dist.get_rank() == 0
     if model.cfg.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed.weight: stored once, tied again on load
@@ -124,20 +144,69 @@ def save_checkpoint(directory, model, enc, stage, extra=None, dtype=None, state=
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory, device="cpu", dtype=None):
-    """Returns (model, enc, meta) from a directory written by save_checkpoint. Weights load through safetensors,
-    never pickle, so a checkpoint from elsewhere cannot run code."""
-    from safetensors.torch import load_file
-    config_path = os.path.join(directory, "config.json")
+@torch.no_grad()
+def refuse_nonfinite(tensors, what):
+    """SystemExit naming the tensors ({name: tensor}) that hold a NaN or Inf, if any: a model of them is never
+    written, so every checkpoint on disk is one to resume or roll back to. Sharded tensors (DTensors) are checked
+    shard by shard and the counts summed over the ranks: then it is collective, and every rank exits together."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors.values()]
+    if not local:
+        return
+    bad = torch.stack([(~t.isfinite()).sum().to(local[0].device) for t in local])
+    if any(isinstance(t, DTensor) for t in tensors.values()):
+        dist.all_reduce(bad)
+    names = [name for name, n in zip(tensors, bad.tolist()) if n]
+    if names:
+        raise SystemExit(f"not writing {what}: the weights hold NaN/Inf ({', '.join(names[:8])}"
+                         f"{', ...' if len(names) > 8 else ''}); checkpoints written before are left as they were")
+
+
+def read_model_config(directory):
+    """(config.json as a dict, its ModelConfig), checked against model.safetensors' header before the model is built
+    from it, even on the meta device: config.json is the one file read before the weights, and n_layer=10**6 in it
+    would otherwise build a million blocks (a meta module still costs host memory) before anything failed. The header
+    is a few KB and names every tensor with its shape: the config must give exactly those tensors."""
+    config_path, weights = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory} is not a checkpoint: no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        cfg = ModelConfig(**meta["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not a model config ({e!r})") from None
+    header, _ = read_safetensors_header(weights)
+    blocks = {name.split(".")[1] for name in header if name.startswith("blocks.")}
+    if len(blocks) != cfg.n_layer or blocks != {str(i) for i in range(cfg.n_layer)}:  # the count first: cheap
+        raise ValueError(f"{config_path} says n_layer={cfg.n_layer} but {weights} holds {len(blocks)} blocks")
+    with torch.device("meta"):
+        want = {name: list(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        del want["lm_head.weight"]  # stored once, as embed.weight
+    wrong = [f"{name} is {header[name]['shape'] if name in header else 'missing'} in the file, "
+             f"{want[name] if name in want else 'not in the model'} by the config"
+             for name in [*want, *(n for n in header if n not in want)]  # the model's order: embed.weight first
+             if want.get(name) != header.get(name, {}).get("shape")]
+    if wrong:
+        raise ValueError(f"{config_path} does not match {weights}: {'; '.join(wrong[:4])}"
+                         f"{f' (and {len(wrong) - 4} more)' if len(wrong) > 4 else ''}")
+    return meta, cfg
+
+
+def load_checkpoint(directory, device="cpu", dtype=None):
+    """Returns (model, enc, meta) from a directory written by save_checkpoint. Weights load through safetensors,
+    never pickle, so a checkpoint from elsewhere cannot run code; the config is checked against the weights' shapes
+    and the tokenizer before anything is built (read_model_config)."""
+    from safetensors.torch import load_file
+    meta, cfg = read_model_config(directory)
     enc = load_tokenizer(directory)
     if meta.get("tokenizer_hash") not in (None, tokenizer_hash(enc)):
         raise ValueError(f"{directory}: the tokenizer files do not match the one the model was trained with")
+    if enc.n_vocab > cfg.vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} ids but the model's vocab_size is "
+                         f"{cfg.vocab_size}")
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**meta["model"]))
+        model = Transformer(cfg)
     state = load_file(os.path.join(directory, "model.safetensors"))  # on the CPU
     # allocate in the final dtype (default: the file's) on the final device, then copy the tensors in
     # (load_state_dict casts): an 8B in bf16 never passes through the GPU in float32
@@ -212,8 +281,7 @@ def load_for_finetuning(init_from, mesh, device, param_dtype, lora=None, activat
     device, sharded, then each rank reads its own slices of the file (init_sharded). lora = (rank, alpha, dropout,
     targets) adds adapters before sharding, so FSDP shards them with their block; their initial values are drawn
     from `seed` (the same on any number of ranks). None: full fine-tuning."""
-    with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
-        cfg = ModelConfig(**json.load(f)["model"])
+    _, cfg = read_model_config(init_from)
     with torch.device("meta"):
         model = Transformer(cfg)
     if lora:
@@ -250,17 +318,114 @@ def save_finetuned(model, directory, enc, stage, dtype, lora=None, extra=None):
 # -----------------------------------------------------------------------------
 # training checkpoints: torch distributed checkpoint (DCP), each rank writing its own shards in parallel, into
 # ROOT/step_00001000.tmp renamed to ROOT/step_00001000 once complete; meta.json holds step, loader position,
-# counters and config, rng_rank<r>.pt each rank's random-number state
+# counters and config, rng_rank<r>.pt each rank's random-number state, and manifest.json every other file's size and
+# sha256, written as part of the commit.
+#
+# The trust boundary: DCP's .metadata is a pickle, which torch unpickles when it loads it, so a planted checkpoint
+# runs code. The manifest is checked before anything is read: a flipped, truncated, missing or extra file is refused
+# by name, and --resume=auto falls back to the checkpoint before (4 KB of flipped bytes in a shard used to resume
+# with exit 0, put NaN in the weights at the next update and save a NaN model). It guards against corruption and
+# accidentally mixed files; not against someone who can write the directory, who can write a manifest too. So only
+# load checkpoints your own job wrote, and keep them on storage that only the job writes.
 
-def latest_checkpoint(root, max_step=None):
-    """The newest complete training checkpoint under `root` (of a step <= max_step when given), or None. A `.tmp`
-    directory is a save that was interrupted (the process was killed while writing) and is never picked."""
+def list_files(directory):
+    """Every file under `directory` but manifest.json, as sorted relative paths."""
+    found = []
+    for parent, _, files in os.walk(directory):
+        found += [os.path.relpath(os.path.join(parent, name), directory) for name in files]
+    return sorted(name for name in found if name != "manifest.json")
+
+
+def file_digests(directory, names):
+    """{name: {"size", "sha256"}} of these files under `directory`, streamed in 16 MiB chunks by up to 8 threads
+    (file reads and hashlib release the GIL, so the threads add up); a file that cannot be read gets its error."""
+    def digest(name):
+        h, size = hashlib.sha256(), 0
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            return name, {"error": str(e)}
+        return name, {"size": size, "sha256": h.hexdigest()}
+
+    with ThreadPoolExecutor(max(1, min(8, len(names)))) as pool:
+        return dict(pool.map(digest, names))
+
+
+def shared_file_digests(directory, names):
+    """file_digests with the reading shared out: each rank reads every world_size-th file and every rank gets all the
+    digests (collective when a process group exists). Tanuki-8B's checkpoint is ~90 GB of weights and Adam moments:
+    128 ranks read it back in the time one reads 0.7 GB."""
+    if not dist.is_initialized():
+        return file_digests(directory, names)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, file_digests(directory, names[dist.get_rank()::dist.get_world_size()]))
+    return {name: d for part in parts for name, d in part.items()}
+
+
+def write_manifest(directory, digests):
+    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({"files": digests}, f, indent=1)
+
+
+def check_train_checkpoint(directory, trust_unverified=False):
+    """None when the files of the training checkpoint `directory` are exactly those its manifest.json lists, with
+    their sizes and sha256; else what is wrong, naming the file. Nothing outside the directory is read (a name in the
+    manifest must be one of the files found in it). Collective when a process group exists: every rank calls it and
+    gets the same answer. trust_unverified: a checkpoint without a manifest (older versions wrote none) passes."""
+    manifest = os.path.join(directory, "manifest.json")
+    if not os.path.isfile(manifest):
+        if trust_unverified:
+            return None if os.path.isfile(os.path.join(directory, "meta.json")) else "no meta.json (incomplete)"
+        return ("no manifest.json (written by an older version, or not by this code): its .metadata is a pickle, "
+                "which torch runs as code when it loads it; if your own job wrote it, --trust_unverified_checkpoint "
+                "loads it unchecked")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            want = {str(name): {"size": int(d["size"]), "sha256": str(d["sha256"])}
+                    for name, d in json.load(f)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"manifest.json is unreadable ({e!r})"
+    present = list_files(directory)
+    wrong = [f"manifest.json lists no {name}" for name in (".metadata", "meta.json") if name not in want]
+    wrong += [f"{name} is not in manifest.json" for name in present if name not in want]
+    wrong += [f"{name} is missing" for name in want if name not in present]
+    if not wrong:
+        got = shared_file_digests(directory, sorted(want))
+        wrong = [f"{name} has {got[name].get('size', got[name].get('error'))} bytes, sha256 "
+                 f"{got[name].get('sha256', '-')[:16]}...; manifest.json says {w['size']} bytes, sha256 "
+                 f"{w['sha256'][:16]}..." for name, w in want.items() if got[name] != w]
+    return "; ".join(wrong) or None
+
+
+_verified = set()  # checked by latest_checkpoint: the load that follows does not read every file again
+
+
+def latest_checkpoint(root, max_step=None, trust_unverified=False):
+    """The newest training checkpoint under `root` (of a step <= max_step when given) that passes
+    check_train_checkpoint, or None when there is none. A `.tmp` directory is a save that was interrupted (the process
+    was killed while writing) and is never picked. A refused checkpoint is reported and the one before it tried; when
+    every one is refused, SystemExit: starting over from scratch would silently throw the run away. Collective when a
+    process group exists."""
     if not os.path.isdir(root):
         return None
-    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-            and os.path.isfile(os.path.join(root, d, "meta.json"))
-            and (max_step is None or int(d[5:]) <= max_step)]
-    return os.path.join(root, max(done)) if done else None
+    candidates = sorted((d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()
+                         and (max_step is None or int(d[5:]) <= max_step)), reverse=True)
+    refused = []
+    for d in candidates:
+        directory = os.path.join(root, d)
+        problem = check_train_checkpoint(directory, trust_unverified)
+        if problem is None:
+            if refused:
+                print0("\n".join(refused) + f"\nusing {directory}, the newest checkpoint that passed its check")
+            _verified.add(os.path.abspath(directory))
+            return directory
+        refused.append(f"{directory} refused: {problem}")
+    if refused:
+        raise SystemExit("no training checkpoint passed its check:\n" + "\n".join(refused))
+    return None
 
 
 _async_group = None  # created on the first async save
@@ -278,12 +443,14 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     rank = dist.get_rank()
-    meta_text = json.dumps({"step": step, **meta}, indent=1, ensure_ascii=False)  # now: training goes on mutating it
+    refuse_nonfinite({canonical_name(n): p for n, p in model.named_parameters()}, f"the checkpoint of step {step}")
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:  # now: training goes on mutating it
+            json.dump({"step": step, **meta}, f, indent=1, ensure_ascii=False)
     dist.barrier()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -292,9 +459,8 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
 
-    def commit():  # rank 0, once every rank's shards and DCP's .metadata are on disk
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            f.write(meta_text)
+    def commit(digests):  # rank 0, once every rank's shards and DCP's .metadata are on disk
+        write_manifest(tmp, digests)
         if os.path.exists(final):  # the same step again, after a rollback: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)  # the commit point: before it the previous checkpoint is the latest
@@ -308,8 +474,9 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     if not async_save:
         dcp.save(state, checkpoint_id=tmp)
         dist.barrier()  # every rank's shards are on disk
+        digests = shared_file_digests(tmp, list_files(tmp))  # each rank reads back its share of the files
         if rank == 0:
-            commit()
+            commit(digests)
         dist.barrier()
         return None
     # the background writer's collectives get a process group of their own: on the training group they would
@@ -325,10 +492,11 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
 
     def on_written(future):
         # DCP's save ends with the coordinator (rank 0) gathering every rank's write results and writing .metadata,
-        # so rank 0's future completing means the whole checkpoint is on disk
+        # so rank 0's future completing means the whole checkpoint is on disk. Rank 0 reads it all back for the
+        # manifest, here, while training goes on
         try:
             if rank == 0 and future.exception() is None:
-                commit()
+                commit(file_digests(tmp, list_files(tmp)))
         finally:
             committed.set()
 
@@ -342,11 +510,17 @@ def save_train_checkpoint(root, step, model, optimizer, meta, keep=3, async_save
     return finish
 
 
-def load_train_checkpoint(directory, model, optimizer, expect=None):
+def load_train_checkpoint(directory, model, optimizer, expect=None, trust_unverified=False):
     """Collective. Loads a checkpoint written by save_train_checkpoint into `model` and `optimizer` (already
     sharded the same way or not: DCP reshards to the current world size), restores this rank's random-number
-    state when the checkpoint has one, and returns its meta dict. expect: {meta key: value} that must match (the
-    tokenizer, the data), or the resume would not continue the same run: an error says which differs."""
+    state when the checkpoint has one, and returns its meta dict. Refused before anything is read unless its files
+    match its manifest (check_train_checkpoint; done already when latest_checkpoint picked it). expect: {meta key:
+    value} that must match (the tokenizer, the data), or the resume would not continue the same run: an error says
+    which differs."""
+    if os.path.abspath(directory) in _verified:
+        _verified.discard(os.path.abspath(directory))
+    elif problem := check_train_checkpoint(directory, trust_unverified):
+        raise SystemExit(f"{directory} refused: {problem}")
     if expect:
         with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)

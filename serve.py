@@ -12,8 +12,10 @@ format for transformers and vLLM.
     python serve.py --init_from=out/sft/model --export_hf=out/hf --dtype=bfloat16
 
 HTTP: POST /v1/chat/completions (our chat template applied to `messages`), POST /v1/completions (raw text, continued),
-GET /v1/models; `stream: true` answers with server-sent events as OpenAI does. Any OpenAI client works:
-    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "こんにちは"}]}'
+GET /v1/models; `stream: true` answers with server-sent events as OpenAI does. A web page cannot drive it: a POST
+must be application/json, and Host a name of this machine (see Handler.check_host). Any OpenAI client works:
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "こんにちは"}]}'
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model="sft", messages=...)
 Sampling: temperature, top_p, top_k, max_tokens, stop, n, seed. One thread owns the model and runs the requests
 waiting at the start of each generation as one left-padded batch; see Server.
@@ -24,15 +26,19 @@ prompt stays), `/quit` or end of input (Ctrl-D) exits, Ctrl-C stops a reply that
 """
 
 import codecs
+import contextlib
+import ipaddress
 import json
 import os
 import queue
+import selectors
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
@@ -55,6 +61,10 @@ max_tokens_cap = 2048   # the most tokens one choice may generate, whatever a re
 max_n = 8               # the most choices one request may ask for
 max_batch_size = 32     # the most sequences (requests x n) generated together
 max_request_bytes = 1_000_000  # a larger body is refused before it is read
+allowed_hosts = ""      # Host names to answer besides localhost and IP addresses, comma-separated; "*": any
+client_timeout = 30.0   # seconds for a client to send its whole request, and for each write to a client
+max_connections = 512   # more open connections get a 503 (each holds a file descriptor: keep it under ulimit -n)
+max_handlers = 64       # threads reading requests and writing answers; more connections wait their turn
 # terminal chat; common chat sampling settings, not the recipe's (docs/recipe.md gives none); 0 is greedy
 system_prompt = ""      # the first message of every conversation when not empty
 max_new_tokens = 512
@@ -173,6 +183,18 @@ def fit_context(enc, messages, budget):
         if len(messages) - first <= 1:
             return None, messages
         messages = messages[:first] + messages[first + 2:]
+
+
+def mask_undecodable(model, enc):
+    """Never sample an id the tokenizer has no bytes for: train.py may round vocab_size up (to a multiple of 64, for
+    fast matmuls), and decoding a padding id is a KeyError. model.stream samples from lm_head's output, so a hook
+    there sets those logits to -inf. Returns the hook's handle (.remove() undoes it), None when nothing is masked."""
+    if model.cfg.vocab_size <= enc.n_vocab:
+        return None
+
+    def hook(module, inputs, logits):
+        logits[..., enc.n_vocab:] = float("-inf")
+    return model.lm_head.register_forward_hook(hook)
 
 
 def stream_reply(model, enc, prompt, max_new_tokens, out=sys.stdout, **sampling):
@@ -298,11 +320,15 @@ class Job:
         if self.max_tokens < 1 or self.max_tokens > room:
             raise RequestError(f"the prompt ({len(self.prompt)} tokens) + {key} ({asked or 1}) exceed the model's "
                                f"context of {max_seq_len} tokens")
-        # OpenAI's defaults (temperature 1, top_p 1), not the terminal chat's
-        temperature = option(body, "temperature", 1.0, (int, float), lambda v: v >= 0, "a number >= 0")
-        top_p = option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")
+        # OpenAI's defaults (temperature 1, top_p 1), not the terminal chat's. The ranges keep the sampler's float32
+        # finite: logits / 1e-45 are inf, a top_p of 1e-300 is 0 in float32 and drops every token, and their NaN
+        # probabilities fail the batch (on CUDA a device assert fails every later request too). torch's generator
+        # takes a seed below 2**64, OpenAI's is an int64
+        temperature = option(body, "temperature", 1.0, (int, float), lambda v: v == 0 or 0.01 <= v <= 100,
+                             "0 (greedy) or a number from 0.01 to 100")
+        top_p = option(body, "top_p", 1.0, (int, float), lambda v: 1e-6 <= v <= 1, "a number in (0, 1], at least 1e-6")
         top_k = option(body, "top_k", 0, int, lambda v: True, "an integer (0 or -1: off, as vLLM)")
-        seed = option(body, "seed", None, int, lambda v: True, "an integer")
+        seed = option(body, "seed", None, int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")
         self.n = option(body, "n", 1, int, lambda v: 1 <= v <= server.max_n, f"an integer from 1 to {server.max_n}")
         stop = option(body, "stop", [], (str, list), lambda v: all(isinstance(s, str) and s for s in
                       ([v] if isinstance(v, str) else v)), "a non-empty string or a list of them")
@@ -353,25 +379,123 @@ class Job:
                 "usage": self.usage()}
 
 
-class Server(ThreadingHTTPServer):
-    """The HTTP server: a thread per connection parses and validates, one worker thread owns the model.
+class Server(HTTPServer):
+    """The HTTP server. Its accept loop (serve_forever) also holds the connections that have not sent a request yet,
+    all in one selector: an idle client costs a file descriptor, not a thread. A connection with bytes to read goes
+    to one of max_handlers threads, which parses, validates and answers it; one worker thread owns the model.
     The worker takes the oldest waiting request and every other waiting one that samples alike, and generates them
     as one left-padded batch (model.stream). Requests that arrive meanwhile wait for the next batch: simpler than
     vLLM's continuous batching, which adds sequences to a batch already running, and still one forward pass for
     all the clients waiting, where a lock would run them one after another."""
-    daemon_threads = True  # a client that never reads its answer does not keep the process alive at exit
+    # connections the kernel has completed and holds until accept(): with socketserver's 5, a burst of 100 clients
+    # overflowed it and most were reset. Linux caps it at net.core.somaxconn (4096 since Linux 5.4)
+    request_queue_size = 1024
 
     def __init__(self, model, enc, host="127.0.0.1", port=0, model_name="nanotanuki", max_tokens_cap=2048,
-                 max_n=8, max_batch_size=32, max_request_bytes=1_000_000):
+                 max_n=8, max_batch_size=32, max_request_bytes=1_000_000, allowed_hosts=(), client_timeout=30.0,
+                 max_connections=512, max_handlers=64):
         super().__init__((host, port), Handler)
+        self.socket.setblocking(False)  # accept() of a client that left meanwhile fails instead of waiting
         self.model, self.enc, self.model_name = model, enc, model_name
         self.max_tokens_cap, self.max_n, self.max_batch_size = max_tokens_cap, max_n, max_batch_size
         self.max_request_bytes, self.created = max_request_bytes, int(time.time())
+        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self.client_timeout, self.max_connections, self.max_handlers = client_timeout, max_connections, max_handlers
         # a chat turn ends with <|end|>, a document with <|eos|>: stop at either, as the exported generation config
         self.stop_ids = (special_id(enc, "<|end|>"), special_id(enc, "<|eos|>"))
         self.pad_id = special_id(enc, "<|pad|>")
+        self.vocab_hook = mask_undecodable(model, enc)
         self.pending, self.ready, self.closing = [], threading.Condition(), False
-        threading.Thread(target=self.work, daemon=True).start()
+        # each open connection -> the time.monotonic() by which its request must have arrived (None: not timed)
+        self.connections, self.lock, self.readable = {}, threading.Lock(), queue.SimpleQueue()
+        self.stopping, self.stopped = False, threading.Event()
+        for target in [self.work] + [self.handle_connections] * max_handlers:
+            threading.Thread(target=target, daemon=True).start()  # daemon: a stuck client does not hold the exit
+
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections and hold those that have not spoken yet, until shutdown(). socketserver's loop gave each
+        a thread at once, which waited for it forever: 2,000 idle clients were 2,000 threads."""
+        self.stopped.clear()
+        try:
+            with selectors.DefaultSelector() as waiting:
+                waiting.register(self.socket, selectors.EVENT_READ)
+                while not self.stopping:
+                    for key, _ in waiting.select(poll_interval):
+                        if key.fileobj is self.socket:
+                            self.admit(waiting)
+                        else:  # it sent something, or hung up: a handler thread reads it (untimed until one is free)
+                            waiting.unregister(key.fileobj)
+                            self.set_deadline(key.fileobj, None)
+                            self.readable.put((key.fileobj, key.data))
+                    self.expire(waiting)
+                for sock in [key.fileobj for key in waiting.get_map().values() if key.fileobj is not self.socket]:
+                    self.release(sock)
+        finally:
+            self.stopping = False
+            self.stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever, from another thread, and wait for it to return."""
+        self.stopping = True
+        self.stopped.wait()
+
+    def admit(self, waiting):
+        try:
+            sock, address = self.socket.accept()
+        except OSError:  # the client left already, or no file descriptor is left
+            return
+        if len(self.connections) >= self.max_connections:  # a 503 at once rather than one more held
+            sys.stderr.write(f"{address[0]} 503 over max_connections={self.max_connections}\n")
+            body = json.dumps({"error": {"message": f"over max_connections={self.max_connections}: retry later",
+                                         "type": "server_error", "code": 503}})
+            with contextlib.suppress(OSError):
+                sock.sendall(f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            return self.shutdown_request(sock)
+        sock.settimeout(self.client_timeout)  # every read and write: a client that stops reading is cut too
+        self.set_deadline(sock, self.client_timeout)
+        waiting.register(sock, selectors.EVENT_READ, address)
+
+    def expire(self, waiting):
+        """Cut the connections whose request has not come in client_timeout: idle ones, and slowloris (a byte now and
+        then, to hold a thread forever)."""
+        now = time.monotonic()
+        with self.lock:
+            late = [sock for sock, deadline in self.connections.items() if deadline is not None and deadline < now]
+            for sock in late:
+                self.connections[sock] = None
+        idle = {key.fileobj for key in waiting.get_map().values()}  # not `in get_map()`: a closed socket raises
+        for sock in late:
+            if sock in idle:
+                waiting.unregister(sock)
+                self.release(sock)
+            else:  # a handler thread waits in a read of it: shutting the socket down ends the read
+                with contextlib.suppress(OSError):  # closed by its handler meanwhile
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_connections(self):
+        """A handler thread: answers the connections that have something to read, one after another."""
+        while item := self.readable.get():
+            sock, address = item
+            self.set_deadline(sock, self.client_timeout)
+            try:
+                self.finish_request(sock, address)  # Handler
+            except OSError:  # the client left or was cut before its request was read
+                pass
+            except Exception:  # noqa: BLE001  a bug of ours: logged, the thread goes on
+                self.handle_error(sock, address)
+            finally:
+                self.release(sock)
+
+    def set_deadline(self, sock, seconds):
+        """When sock's request must have come: in `seconds`; None: not timed (it waits for us, or has come)."""
+        with self.lock:
+            self.connections[sock] = None if seconds is None else time.monotonic() + seconds
+
+    def release(self, sock):
+        with self.lock:
+            self.connections.pop(sock, None)
+        self.shutdown_request(sock)
 
     def submit(self, job):
         with self.ready:
@@ -407,8 +531,8 @@ class Server(ThreadingHTTPServer):
                 steps = max(job.max_tokens for job in batch)
                 for step in self.model.stream([c.job.prompt for c in rows], steps, stop_tokens=self.stop_ids,
                                               pad_id=self.pad_id, **batch[0].sampling):
-                    for choice, token in zip(rows, step):
-                        if token is not None and choice.finish_reason is None:
+                    for choice, token in zip(rows, step):  # a cancelled job's rows run on, unread
+                        if token is not None and choice.finish_reason is None and not choice.job.cancelled:
                             choice.add(token, self.enc, self.stop_ids)
                     # a job answers as soon as its own choices are done, not when the longest in its batch is
                     for job in [job for job in live if all(c.finish_reason for c in job.choices)]:
@@ -423,6 +547,10 @@ class Server(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
+        if self.vocab_hook:
+            self.vocab_hook.remove()
+        for _ in range(self.max_handlers):
+            self.readable.put(None)
         with self.ready:
             self.closing = True
             self.ready.notify()
@@ -436,24 +564,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         """Silenced: route() logs each request once it is answered, with its tokens and time."""
 
-    def do_GET(self):
-        self.route("GET")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def do_PUT(self):
-        self.route("PUT")
-
-    def do_DELETE(self):
-        self.route("DELETE")
-
-    def do_PATCH(self):
-        self.route("PATCH")
-
-    def route(self, method):
-        t0, self.status, job = time.time(), None, None
+    def route(self):
+        t0, self.status, job, method = time.time(), None, None, self.command
         try:
+            self.check_host()
             path = self.path.partition("?")[0]
             if path not in ROUTES:
                 raise RequestError(f"no route {path}; this server has {', '.join(ROUTES)}", 404)
@@ -475,34 +589,63 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(200, job.result())
         except RequestError as e:
             self.send_error_json(e.status, str(e))
-        except (BrokenPipeError, ConnectionResetError):  # the client left: its rows stop at the next step
+        except RecursionError:  # json.loads of "[" * 200_000, or json.dumps of a deep value in an error message
+            self.send_error_json(400, "the body is nested too deeply")
+        except (ConnectionError, TimeoutError):  # the client left, or stopped reading: its rows stop being decoded
             if job:
                 job.cancelled = True
-            self.status = self.status or 499  # nginx's code for "client closed the request", for the log only
+            self.status = 499  # nginx's code for "client closed the request", for the log only
         except Exception as e:  # noqa: BLE001  a bug of ours: the client gets a 500, the server goes on
             traceback.print_exc()
             if self.status is None:
                 self.send_error_json(500, f"{type(e).__name__}: {e}", "server_error")
         finally:
             tokens = ""
-            if job and self.status == 200:
+            if job and self.status in (200, 499):
                 usage = job.usage()
                 tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}"
                 tokens += f" batch={job.batch_size}"  # requests generated together with this one, itself included
+            tokens += " (client left or timed out)" if self.status == 499 else ""
             ms = (time.time() - t0) * 1000
             sys.stderr.write(f"{self.command} {self.path} {self.status}{tokens} {ms:.0f}ms\n")
 
-    def read_json(self):
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = route  # what BaseHTTPRequestHandler calls for each method
+
+    def check_host(self):
+        """Refuse DNS rebinding: a web page of attacker.example can point its name at 127.0.0.1, and the browser then
+        lets it read our answers as its own. It sends Host: attacker.example, a name no client of ours uses: ours
+        name localhost, an IP address (rebinding needs a name) or one of --allowed_hosts ("*": any name). A request
+        without Host is no browser's."""
+        host = self.headers.get("Host")
+        if host is None or "*" in self.server.allowed_hosts:
+            return
+        name = (host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]).lower()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            ipaddress.ip_address(name)
         except ValueError:
-            raise RequestError("Content-Length is not a number") from None
+            if name not in {"localhost", *self.server.allowed_hosts}:
+                raise RequestError(f"Host {host!r} is not a name of this server; start it with "
+                                   f"--allowed_hosts={name} to answer it", 403) from None
+
+    def read_json(self):
+        # any web page can have a browser POST here without asking first (a CORS "simple request") with a form's
+        # or text's Content-Type, or none; with application/json the browser asks first, and is not answered
+        if self.headers.get_content_type() != "application/json":
+            raise RequestError(f"Content-Type must be application/json, not {self.headers['Content-Type']!r}", 415)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError("a POST needs a Content-Length", 411)
+        # digits only: int() reads "-1", and rfile.read(-1) reads until the client closes, whatever it sends
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(f"Content-Length must be a number of bytes, not {length!r}")
         # checked before reading: a client cannot make the server hold a body of any size in memory
-        if length > self.server.max_request_bytes:
+        if int(length) > self.server.max_request_bytes:
             raise RequestError(f"the body is {length} bytes, more than the {self.server.max_request_bytes} "
                                f"this server accepts", 413)
+        data = self.rfile.read(int(length))
+        self.server.set_deadline(self.connection, None)  # the request is in: its answer takes the time it takes
         try:
-            return json.loads(self.rfile.read(length))
+            return json.loads(data)
         except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
             raise RequestError(f"the body is not valid JSON: {e}") from None
 
@@ -572,7 +715,8 @@ if __name__ == "__main__":
     about = f"{init_from}: {meta['stage']} checkpoint, {model.num_params():,} parameters, {device}, {dtype}."
     if not chat:
         name = model_name or os.path.basename(os.path.normpath(init_from))
-        server = Server(model, enc, host, port, name, max_tokens_cap, max_n, max_batch_size, max_request_bytes)
+        server = Server(model, enc, host, port, name, max_tokens_cap, max_n, max_batch_size, max_request_bytes,
+                        allowed_hosts.split(","), client_timeout, max_connections, max_handlers)
         # the bound port (port=0 picks a free one), flushed: scripts and tests read it from here
         print(f"{about} Serving '{name}' at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops).",
               file=sys.stderr, flush=True)
@@ -587,6 +731,7 @@ if __name__ == "__main__":
     budget = model.cfg.max_seq_len - max_new_tokens
     if budget < 8:
         sys.exit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}")
+    mask_undecodable(model, enc)
     sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages = list(system)

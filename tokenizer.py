@@ -128,10 +128,19 @@ def load_tokenizer(directory):
         raise FileNotFoundError(f"no tokenizer in {directory!r}: missing {missing} (train one with train_tokenizer "
                                 f"and save_tokenizer)")
     # parsed here rather than with tiktoken.load.load_tiktoken_bpe, which caches files in /tmp keyed by their path
+    mergeable_ranks = {}
     with open(paths[0], encoding="utf-8") as f:
-        mergeable_ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f)}
+        for number, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                mergeable_ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # binascii.Error is one too
+                raise ValueError(f"{paths[0]}:{number}: not a line of base64 token and rank: {line[:80]!r}") from None
     with open(paths[1], encoding="utf-8") as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{paths[1]}: {e}") from None
     enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=mergeable_ranks,
                             special_tokens=meta["special_tokens"])
     if tokenizer_hash(enc) != meta["hash"]:

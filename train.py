@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from checkpoint import init_sharded, latest_checkpoint, load_train_checkpoint, save_checkpoint, save_train_checkpoint
+from checkpoint import (init_sharded, latest_checkpoint, load_train_checkpoint, read_model_config, save_checkpoint,
+                        save_train_checkpoint)
 from common import (
     cleanup_distributed,
     load_config,
@@ -57,6 +58,8 @@ data_dir = "out/data"     # prepare_data.py's output: tokenizer files + one fold
 init_from = ""            # a checkpoint directory (checkpoint.save_checkpoint) to start from instead of random weights;
                           # the model's shape then comes from it (e.g. an upcycled MoE, configs/8x8b.py)
 resume = ""               # "auto": the newest checkpoint in out_dir/checkpoints, if any; or a checkpoint directory
+trust_unverified_checkpoint = False  # resume from one without manifest.json (older versions): its .metadata is a
+                                     # pickle, run as code on load (README "Checkpoints, serving, chat and export")
 # data: a mixture of sources by weight; {} is every source in data_dir in proportion to its tokens. A curriculum
 # is a list of (start token count, mixture) switched as the tokens go by: Tanuki fed English+code first, then
 # Japanese, and only synthetic data at the very end (docs/recipe.md "Data").
@@ -211,11 +214,9 @@ def next_batch():
 # weights do not depend on the number of ranks.
 
 if init_from:
-    with open(os.path.join(init_from, "config.json"), encoding="utf-8") as f:
-        init_meta = json.load(f)
+    init_meta, model_cfg = read_model_config(init_from)  # checked against the weights' shapes first
     if init_meta.get("tokenizer_hash") != enc_hash:
         raise SystemExit(f"{init_from} was trained with a different tokenizer than {data_dir}'s")
-    model_cfg = ModelConfig(**init_meta["model"])
 else:
     model_cfg = model_config_from(globals())
 if enc.n_vocab > model_cfg.vocab_size:  # the shards hold ids of this tokenizer (open_shards checked the hash)
@@ -254,13 +255,13 @@ history = {"loss": [], "grad_norm": [], "spike_steps": []}  # the spike test's r
 lr_scale = 1.0  # lowered by rollback_lr_factor at each rollback
 step = 0
 ckpt_root = os.path.join(out_dir, "checkpoints")
-resume_dir = latest_checkpoint(ckpt_root) if resume == "auto" else resume
+# a checkpoint whose files do not match its manifest is refused by name; "auto" then takes the one before it
+resume_dir = latest_checkpoint(ckpt_root, None, trust_unverified_checkpoint) if resume == "auto" else resume
 if resume_dir and lr_range_test:
     raise SystemExit("an LR range test starts from fresh weights: drop --resume")
 if resume_dir:
-    if not os.path.isfile(os.path.join(resume_dir, "meta.json")):
-        raise SystemExit(f"{resume_dir} is not a complete training checkpoint (no meta.json)")
-    state = load_train_checkpoint(resume_dir, model, optimizer, expect={"tokenizer_hash": enc_hash})
+    state = load_train_checkpoint(resume_dir, model, optimizer, {"tokenizer_hash": enc_hash},
+                                  trust_unverified_checkpoint)
     changed = [name for name in sources if state["windows"].get(name, n_windows[name]) != n_windows[name]]
     if changed:  # the saved positions index permutations of the old windows: they would mean other samples now
         raise SystemExit(f"the data of {changed} changed since {resume_dir} was written: resume would not be exact")
@@ -408,20 +409,20 @@ while step < max_iters:
     optimizer.zero_grad(set_to_none=True)
     step += 1
 
-    if spike:
+    if spike or not finite:  # NaN steps too: once the weights hold NaN, every step after is NaN
         history["spike_steps"] = [s for s in history["spike_steps"] if s > step - spike_window] + [step - 1]
     if len(history["spike_steps"]) >= rollback_after:
-        # repeated spikes: the weights themselves are going bad. Go back to the newest checkpoint written before
-        # the first of them; the loader keeps its position, so the data that came with the spikes is not seen
-        # again. Checkpoints after that point hold the diverging weights and are deleted.
+        # repeated spikes or NaN/Inf: the weights themselves are going bad. Go back to the newest checkpoint written
+        # before the first of them (none holds NaN: save_train_checkpoint refuses those); the loader keeps its
+        # position, so the data that came with them is not seen again. Later checkpoints are deleted.
         first_spike = history["spike_steps"][0]
-        target = latest_checkpoint(ckpt_root, max_step=first_spike)
-        if finish_save is not None:
+        if finish_save is not None:  # first: its commit may prune the checkpoint picked next
             finish_save()
             finish_save = None
+        target = latest_checkpoint(ckpt_root, first_spike, trust_unverified_checkpoint)
         if target is None:
-            print0(f"step {step}: {rollback_after} spikes since step {first_spike} but no checkpoint before "
-                   "them to roll back to; going on")
+            print0(f"step {step}: {rollback_after} spikes or NaN steps since step {first_spike} but no checkpoint "
+                   "before them to roll back to; going on")
             history["spike_steps"] = []
         else:
             if master:
@@ -429,11 +430,11 @@ while step < max_iters:
                     if d.startswith("step_") and int(d[5:].split(".")[0]) > first_spike:
                         shutil.rmtree(os.path.join(ckpt_root, d))
             dist.barrier()
-            state = load_train_checkpoint(target, model, optimizer)
+            state = load_train_checkpoint(target, model, optimizer, trust_unverified=trust_unverified_checkpoint)
             step, history = state["step"], state["history"]
             lr_scale = state["lr_scale"] * rollback_lr_factor
             counters["rollbacks"] += 1
-            print0(f"rolled back to {target} (spikes from step {first_spike} on); LR scale {lr_scale}")
+            print0(f"rolled back to {target} (spikes or NaN from step {first_spike} on); LR scale {lr_scale}")
             log_metrics({"step": step, "event": "rollback", "to": os.path.basename(target), "lr_scale": lr_scale,
                          **counters})
             continue

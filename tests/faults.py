@@ -10,6 +10,7 @@ FAULTS is a JSON object; counts are 0-based training forward calls (one per micr
     kill_in_save: n, SIGKILL after the n-th (1-based) checkpoint's shards are written but before it is committed
     record:   a file that gets one line per training forward: a hash of its input token ids
     slow_rank: the rank whose optimizer steps take 250 ms longer (a GPU shared with a leftover process)
+    nan_weights: n, the n-th (0-based) optimizer step leaves NaN in a weight (an update gone wrong)
 """
 
 import hashlib
@@ -28,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 import model
 
 faults = json.loads(os.environ.get("FAULTS", "{}"))
-calls = {"forward": 0, "save": 0}
+calls = {"forward": 0, "save": 0, "step": 0}
 forward = model.Transformer.forward
 
 
@@ -77,7 +78,13 @@ adamw_step = torch.optim.AdamW.step
 def slow_step(self, *args, **kwargs):
     if faults.get("slow_rank") == int(os.environ.get("RANK", "0")):
         time.sleep(0.25)  # far above any load-induced jitter of the other rank, so the test is not flaky
-    return adamw_step(self, *args, **kwargs)
+    result = adamw_step(self, *args, **kwargs)
+    if faults.get("nan_weights") == calls["step"]:
+        with torch.no_grad():  # this rank's shard of the first weight (an FSDP parameter is a DTensor)
+            weight = self.param_groups[0]["params"][0]
+            (weight.to_local() if hasattr(weight, "to_local") else weight).fill_(float("nan"))
+    calls["step"] += 1
+    return result
 
 
 model.Transformer.forward = faulty_forward

@@ -1,7 +1,9 @@
 """Claims about train.py: the tiny config learns; 2 ranks under FSDP train the same model as 1 rank; a run killed
 with SIGKILL (mid-step, or while writing a checkpoint) resumes to exactly the uninterrupted run's losses on exactly
-its batches; a NaN batch is skipped and counted; repeated spikes roll back past the bad data; the LR range test
-stops at the spike; broken data and unknown settings fail at start-up with messages naming the problem.
+its batches; a NaN batch is skipped and counted; repeated spikes, or NaN weights, roll back past the bad data and
+a model with NaN weights is never saved; a corrupt or planted checkpoint is refused by name and the previous good one
+resumes; the LR range test stops at the spike; broken data and unknown settings fail at start-up with messages naming
+the problem.
 Faults are injected at exact forward calls by tests/faults.py, so nothing here depends on timing."""
 
 import json
@@ -159,6 +161,67 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous(tmp_path, d
     resumed, _ = metrics(tmp_path)
     assert [resumed[s]["loss"] for s in range(4, 13)] == [losses[s]["loss"] for s in range(4, 13)]
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.endswith(".tmp")]  # the leftover is cleared
+
+
+def flip_bytes(path, start, n=4096):
+    data = bytearray(path.read_bytes())
+    data[start : start + n] = bytes(b ^ 0xFF for b in data[start : start + n])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_or_planted_checkpoints_are_refused_and_the_previous_good_one_resumes(tmp_path, data_dir,
+                                                                                      uninterrupted):
+    losses, _ = uninterrupted
+    args = SMALL + ["--checkpoint_interval=4"]
+    train(tmp_path, data_dir, *args)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step_00000004", "step_00000008", "step_00000012"]
+    # 4 KB of flipped bytes inside the newest shard (measured before manifests: resumed with exit 0, then NaN
+    # weights saved), and the checkpoint before it cut short: both refused by name, step 4's resumes
+    flip_bytes(ckpts / "step_00000012" / "__0_0.distcp", 3_000_000)
+    metadata = ckpts / "step_00000008" / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:1000])
+    out = train(tmp_path, data_dir, *args, "--resume=auto")
+    assert "step_00000012 refused" in out.stdout and "__0_0.distcp" in out.stdout
+    assert "step_00000008 refused" in out.stdout and ".metadata" in out.stdout
+    assert "resumed from" in out.stdout and "step_00000004 at step 4" in out.stdout
+    resumed, _ = metrics(tmp_path)
+    assert [resumed[s]["loss"] for s in range(5, 13)] == [losses[s]["loss"] for s in range(5, 13)]  # bit-exact
+    # a planted shard beside a good checkpoint's files, and a broken meta.json: refused, the one before resumes
+    (ckpts / "step_00000012" / "__1_0.distcp").write_bytes((ckpts / "step_00000012" / "__0_0.distcp").read_bytes())
+    (ckpts / "step_00000008" / "meta.json").write_text('{"step": 8, "loader": {"batc')
+    out = train(tmp_path, data_dir, *args, "--resume=auto")
+    assert "__1_0.distcp" in out.stdout and "meta.json" in out.stdout and "step_00000004 at step 4" in out.stdout
+    # an explicit --resume of a refused checkpoint is an error, with no fall-back to another one
+    flip_bytes(ckpts / "step_00000008" / "__0_0.distcp", 1000)
+    out = train(tmp_path, data_dir, *args, f"--resume={ckpts / 'step_00000008'}", expect_fail=True)
+    assert "step_00000008" in out.stderr and "__0_0.distcp" in out.stderr and "Traceback" not in out.stderr
+    # checkpoints of an older version, without a manifest: only with the explicit opt-in
+    shutil.rmtree(ckpts / "step_00000008")
+    for d in os.listdir(ckpts):
+        os.remove(ckpts / d / "manifest.json")
+    out = train(tmp_path, data_dir, *args, "--resume=auto", expect_fail=True)
+    assert "--trust_unverified_checkpoint" in out.stderr and "pickle" in out.stderr
+    out = train(tmp_path, data_dir, *args, "--resume=auto", "--trust_unverified_checkpoint")
+    assert "step_00000012 at step 12" in out.stdout
+
+
+def test_nan_weights_roll_back_and_are_never_saved(tmp_path, data_dir):
+    # the 5th update leaves NaN in the weights: steps 6-8 are NaN, which rolls back to step 4 as spikes do
+    out = train(tmp_path / "a", data_dir, *SMALL, "--checkpoint_interval=4", faults={"nan_weights": 4})
+    steps, records = metrics(tmp_path / "a")
+    assert "rolled back to" in out.stdout
+    assert [r["to"] for r in records if r.get("event") == "rollback"] == ["step_00000004"]
+    assert steps[8]["nan"] == 3 and steps[12]["rollbacks"] == 1 and np.isfinite(steps[12]["loss"])
+    model, _, _ = load_checkpoint(tmp_path / "a" / "model")
+    assert all(p.isfinite().all() for p in model.parameters())
+    # the last update leaves NaN: neither the step-12 checkpoint nor the model is written (measured before: both
+    # written with exit 0)
+    out = train(tmp_path / "b", data_dir, *SMALL, "--checkpoint_interval=4", faults={"nan_weights": 11},
+                expect_fail=True)
+    assert "NaN/Inf" in out.stderr and "step 12" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_00000004", "step_00000008"]
+    assert not os.path.exists(tmp_path / "b" / "model")
 
 
 def test_sigterm_saves_and_exits_then_resumes(tmp_path, data_dir, uninterrupted):
