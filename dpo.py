@@ -111,6 +111,8 @@ lora_targets = ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]
 # checkpoints and logs
 checkpoint_interval = 100
 keep_checkpoints = 2
+trust_unverified_checkpoint = False  # resume from one without manifest.json (older versions): its .metadata is a
+                                     # pickle, run as code on load (README "Checkpoints, serving, chat and export")
 log_interval = 10
 eval_interval = 50
 # system
@@ -448,10 +450,11 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     step, tokens, skipped, loader = 0, 0, 0, [0, 0]
     ckpt_root = os.path.join(round_dir, "checkpoints")
     ref_path = os.path.join(round_dir, "reference_logprobs.json")
-    resume_dir = latest_checkpoint(ckpt_root)
+    resume_dir = latest_checkpoint(ckpt_root, None, trust_unverified_checkpoint)
     if resume_dir:
         state = load_train_checkpoint(resume_dir, model, optimizer,
-                                      expect={"tokenizer_hash": tokenizer_hash(enc), "pairs": len(pairs)})
+                                      expect={"tokenizer_hash": tokenizer_hash(enc), "pairs": len(pairs)},
+                                      trust_unverified=trust_unverified_checkpoint)
         step, tokens, skipped, loader = state["step"], state["tokens"], state["skipped"], state["loader"]
         print0(f"train: resumed from {resume_dir} at step {step}")
     ref_table = None

@@ -46,6 +46,8 @@ data = "out/synth/chat.jsonl"  # chat JSONL: one {"messages": [...]} per line
 val_data = ""             # a held-out chat JSONL; empty: every val_every-th conversation of `data` is held out
 val_every = 20            # 5% held out
 resume = ""               # "auto": the newest checkpoint in out_dir/checkpoints, if any; or a checkpoint directory
+trust_unverified_checkpoint = False  # resume from one without manifest.json (older versions): its .metadata is a
+                                     # pickle, run as code on load (README "Checkpoints, serving, chat and export")
 seed = 1337
 # sequences
 seq_len = 2048            # Tanuki's post-training max length (docs/recipe.md "DPO": max length 2048)
@@ -238,12 +240,13 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "w
 
 step, tokens, skipped = 0, 0, 0
 ckpt_root = os.path.join(out_dir, "checkpoints")
-resume_dir = latest_checkpoint(ckpt_root) if resume == "auto" else resume
+resume_dir = latest_checkpoint(ckpt_root, None, trust_unverified_checkpoint) if resume == "auto" else resume
 if resume_dir:
     # cheap with LoRA's few trained weights, and with DCP any size: the base weights are saved too, so a resume
     # needs nothing but the checkpoint
     state = load_train_checkpoint(resume_dir, model, optimizer,
-                                  expect={"tokenizer_hash": tokenizer_hash(enc), "train_conversations": len(train_convs)})
+                                  expect={"tokenizer_hash": tokenizer_hash(enc), "train_conversations": len(train_convs)},
+                                  trust_unverified=trust_unverified_checkpoint)
     step, tokens, skipped, loader = state["step"], state["tokens"], state["skipped"], state["loader"]
     print0(f"resumed from {resume_dir} at step {step}")
 

@@ -205,8 +205,14 @@ def test_full_fine_tuning_padded_two_ranks_and_resume(run):
     # 2 ranks x 1 micro-batch of 2 rows: the same global batch, the same mean over its tokens
     sft(*common, f"--out_dir={tmp / 'two'}", "--max_iters=4", nproc=2)
     sft(*common, f"--out_dir={tmp / 'half'}", "--max_iters=2")
+    # a checkpoint without its manifest (as older versions wrote them) is refused unless the user trusts it
+    for manifest in (tmp / "half" / "checkpoints").glob("step_*/manifest.json"):
+        manifest.unlink()
+    refused = sft(*common, f"--out_dir={tmp / 'half'}", "--max_iters=4", "--resume=auto", expect_fail=True)
+    assert "trust_unverified_checkpoint" in refused.stdout + refused.stderr
     # resume from step 2 to 4: the same batches and the same losses as the uninterrupted run
-    out = sft(*common, f"--out_dir={tmp / 'half'}", "--max_iters=4", "--resume=auto")
+    out = sft(*common, f"--out_dir={tmp / 'half'}", "--max_iters=4", "--resume=auto",
+              "--trust_unverified_checkpoint=True")
     assert "resumed from" in out.stdout
     def losses(d):
         return {r["step"]: r["loss"] for r in map(json.loads, (tmp / d / "metrics.jsonl").read_text().splitlines())
