@@ -439,13 +439,14 @@ def test_per_rank_init_is_independent_of_ranks_and_never_holds_the_model(tmp_pat
     assert abs(model.blocks[0].ffn.w_down.std().item() - 0.01) < 0.001
     # host memory of a ~70 MB model (float32) on 2 ranks: from scratch, through the export, and from a file; no rank
     # grows by more than its shard plus one block and allocator slack (rank 0 used to hold the whole model, then
-    # gather it whole for the export: 2x the model on one host)
+    # gather it whole for the export: 2x the model on one host). The slack: 54-57 MB grown in all on an idle machine,
+    # 79 MB once beside other jobs (malloc's per-thread arenas); a rank holding the whole model would grow >= 105 MB
     scratch = probe(tmp_path / "big", data_dir, 2, d_model=384, n_layer=8)
     loaded = probe(tmp_path / "big_again", data_dir, 2, init_from=tmp_path / "big", d_model=384, n_layer=8)
     for r in scratch + loaded:
         assert r["model_bytes"] > 60e6 and r["shard_bytes"] < 0.51 * r["model_bytes"]
         grown = r["after_export"] - r["start"]
-        assert grown < r["shard_bytes"] + 2 * r["block_bytes"] + 16e6, (r, grown / 1e6)
+        assert grown < r["shard_bytes"] + 2 * r["block_bytes"] + 32e6, (r, grown / 1e6)
 
 
 def test_memory_and_communication_settings_do_not_change_the_losses(tmp_path, data_dir):
