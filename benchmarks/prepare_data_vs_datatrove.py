@@ -75,8 +75,8 @@ def measure(cmd, log_path):
                 try:
                     with open(f"/proc/{pid}/stat") as f:
                         parent[int(pid)] = int(f.read().rpartition(")")[2].split()[1])
-                except OSError:
-                    pass  # ended meanwhile
+                except OSError:  # the process ended between listdir and open: it has no memory to count
+                    continue
             mine = {os.getpid()}
             while new := {pid for pid, ppid in parent.items() if ppid in mine} - mine:  # a generation per pass
                 mine |= new
@@ -87,8 +87,8 @@ def measure(cmd, log_path):
                         for line in f:
                             if line[:4] in ("Rss:", "Pss:"):
                                 total[line[:3]] += int(line.split()[1]) << 10
-                except OSError:
-                    pass
+                except OSError:  # ended since it was listed
+                    continue
             peak.update({k: max(peak[k], total[k]) for k in peak})
 
     before, thread = resource.getrusage(resource.RUSAGE_CHILDREN), threading.Thread(target=sample, daemon=True)
