@@ -537,13 +537,44 @@ def measure_report(dev):
         print(f"  {label:14s} {tokens / t:12,.0f} tokens/s {moe_flops / t / 1e12:9.3f} TFLOP/s")
     os.environ.pop("NANOTANUKI_KERNELS")
 
-    # decoding with the KV cache (model.generate, greedy): each new token attends to the cached keys and values
+    decode_report(model, dev)
+
+
+def decode_report(model, dev):
+    """Tokens per second of greedy decoding with the KV cache: model.generate eagerly, model.generate with its
+    compiled step, and transformers' generate on the same weights (export.py's Llama/Mixtral), which is the yardstick
+    most users know. All three must produce the same tokens, or the timing compares different work."""
     model.eval()
-    print(f"\ngeneration with the KV cache: 16-token prompts, {gen_tokens} new tokens per row, greedy")
+    try:
+        import transformers
+        from export import hf_config, hf_tensors
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config(model)))
+        hf.load_state_dict(hf_tensors(model))
+        hf = hf.to(dev, model.embed.weight.dtype).eval()
+    except ImportError:
+        hf = None
+    print(f"\ngeneration with the KV cache: 16-token prompts, {gen_tokens} new tokens per row, greedy, tokens/s"
+          + ("" if hf else " (transformers is not installed: no comparison)"))
+    print(f"  {'batch':>5s} {'eager':>10s} {'compiled':>10s} {'transformers':>13s} {'eager/hf':>9s} {'compiled/hf':>12s}")
     for batch in (1, 8):
-        prompts = torch.randint(0, model.cfg.vocab_size, (batch, 16)).tolist()
-        t = timed(lambda prompts=prompts: model.generate(prompts, gen_tokens, temperature=0), dev, steps)
-        print(f"  batch {batch}: {batch * gen_tokens / t:10,.0f} new tokens/s")
+        prompts = torch.randint(0, model.cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        eager = model.generate(prompts.tolist(), gen_tokens, temperature=0)
+        compiled = model.generate(prompts.tolist(), gen_tokens, temperature=0, compile=True)  # compiles
+        rates = [batch * gen_tokens / timed(lambda c=c: model.generate(prompts.tolist(), gen_tokens, temperature=0,
+                                                                       compile=c), dev, steps)
+                 for c in (False, True)]
+        same = compiled == eager
+        if hf is not None:
+            def hf_generate():
+                with torch.no_grad():  # min_new_tokens and no eos: exactly gen_tokens new tokens per row
+                    return hf.generate(prompts.to(dev), max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                                       do_sample=False, eos_token_id=None, pad_token_id=0)[:, 16:].tolist()
+            same = same and hf_generate() == eager
+            rates.append(batch * gen_tokens / timed(hf_generate, dev, steps))
+        ratios = [f"{r / rates[2]:.2f}x" for r in rates[:2]] if hf is not None else ["-", "-"]
+        hf_rate = f"{rates[2]:13,.0f}" if hf is not None else f"{'-':>13s}"
+        print(f"  {batch:5d} {rates[0]:10,.0f} {rates[1]:10,.0f} {hf_rate} {ratios[0]:>9s} {ratios[1]:>12s}"
+              + ("" if same else "  DIFFERENT TOKENS"))
 
 
 if __name__ == "__main__":

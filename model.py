@@ -74,6 +74,8 @@ class RMSNorm(nn.Module):
         # On CUDA the fused kernel computes the same in one pass (kernels/rmsnorm.py)
         if kernels.use_triton(x):
             return kernels.rms_norm(x, self.weight, self.eps)
+        if x.dtype == torch.float32:  # the same product in one call: a tenth of a small model's decoding time on CPU
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
 
 
@@ -84,20 +86,30 @@ def rope_tables(head_dim, max_len, theta, device=None):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2), or (B, T, head_dim // 2) when each row has positions
-    # of its own (packed documents). Rotates the pair (x_i, x_{i + head_dim/2}), the "split halves" layout of
-    # GPT-NeoX and Hugging Face Llama (Meta's original pairs neighbours instead).
-    x1, x2 = x.chunk(2, dim=-1)
+def rope_factors(cos, sin, dtype):
+    """The tables of rope_tables for the positions at hand, (T, head_dim // 2) or (B, T, head_dim // 2) when each
+    row has positions of its own (packed documents), as the two factors apply_rope multiplies by: (B or 1, T, 1,
+    head_dim) each, in the activations' dtype. Computed once per forward, not once per layer and tensor."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cos, sin = cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, T, heads, head_dim); cos, sin: rope_factors. Rotates the pair (x_i, x_{i + head_dim/2}), the "split
+    # halves" layout of GPT-NeoX and Hugging Face Llama (Meta's original pairs neighbours instead):
+    # (x1 cos - x2 sin, x2 cos + x1 sin) = x * [cos, cos] + [x2, x1] * [-sin, sin], the same products and sums
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 class KVCache:
-    """Keys and values of every layer for one batch being generated. `pos` positions are filled; `key_valid`
-    marks the real tokens of left-padded prompts (False on padding), so a batch can mix prompt lengths."""
+    """Keys and values of every layer for one batch being generated, preallocated for `max_len` positions. `pos`
+    positions are filled; `key_valid` marks the real tokens of left-padded prompts (False on padding), so a batch can
+    mix prompt lengths. Eager decoding attends to the filled part only. A compiled step (Transformer.decode_step)
+    needs the same shapes at every call: it writes at the positions held in the tensor `step_pos` and attends to the
+    whole buffer, the positions not yet written hidden by its mask."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -106,6 +118,19 @@ class KVCache:
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.padded = False  # some key_valid is False: every step needs the mask
         self.pos = 0
+        self.step_pos = None  # (T,) positions of a compiled step's tokens, set by its caller
+
+    def store(self, layer, k, v):
+        """Write `layer`'s keys and values of the new positions (B, n_kv_head, T, head_dim); returns the keys and
+        values attention reads."""
+        if self.step_pos is not None:
+            self.k[layer].index_copy_(2, self.step_pos, k)
+            self.v[layer].index_copy_(2, self.step_pos, v)
+            return self.k[layer], self.v[layer]
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
 
     def mask(self, T):
         """The attention mask of the next T positions, or None when plain attention computes the same: no padding,
@@ -114,11 +139,15 @@ class KVCache:
         return self.attention_mask(T) if self.padded or (T > 1 and self.pos > 0) else None
 
     def attention_mask(self, T):
-        # (B, 1, T, pos + T): causal with the cache's offset, padding keys hidden. Each position always sees
-        # itself, so a query sitting on padding still has one key and its softmax stays finite (no NaN).
-        q_pos = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None]
-        k_pos = torch.arange(self.pos + T, device=self.k.device)[None, :]
-        return ((k_pos <= q_pos) & self.key_valid[:, None, None, : self.pos + T]) | (k_pos == q_pos)
+        # (B, 1, T, keys): causal with the cache's offset, padding keys hidden. Each position always sees itself,
+        # so a query sitting on padding still has one key and its softmax stays finite (no NaN). A compiled step
+        # sees every slot of the buffer; the ones after its positions are hidden as "in the future"
+        if self.step_pos is not None:
+            q_pos, n_keys = self.step_pos[:, None], self.k.size(3)
+        else:
+            q_pos, n_keys = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None], self.pos + T
+        k_pos = torch.arange(n_keys, device=self.k.device)[None, :]
+        return ((k_pos <= q_pos) & self.key_valid[:, None, None, :n_keys]) | (k_pos == q_pos)
 
 
 class Attention(nn.Module):
@@ -137,9 +166,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
-            cache.k[layer, :, :, cache.pos : cache.pos + T] = k
-            cache.v[layer, :, :, cache.pos : cache.pos + T] = v
-            k, v = cache.k[layer, :, :, : cache.pos + T], cache.v[layer, :, :, : cache.pos + T]
+            k, v = cache.store(layer, k, v)
         # ---- the one place attention is computed. Training (causal, no mask) on CUDA: the flash kernel of
         # kernels/attention.py. Elsewhere, and for generation's masks, SDPA; enable_gqa lets each K/V head serve
         # n_head / n_kv_head query heads without materializing repeated copies of K and V (as the kernel does).
@@ -265,6 +292,7 @@ class Transformer(nn.Module):
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
             attn_mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
         x = self.embed(idx)  # (B, T, d_model)
+        cos, sin = rope_factors(cos, sin, x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, attn_mask)
         x = self.norm(x)
@@ -298,6 +326,27 @@ class Transformer(nn.Module):
                               for m in moe_layers) / len(moe_layers)
         return logits, loss
 
+    def decode_step(self, idx, cache):
+        """Logits (B, 1, vocab) of one new token per row (idx (B, 1)) at position cache.step_pos, with fixed shapes
+        (the whole cache buffer, a full mask) so that torch.compile captures it once for every step: the step then
+        runs as a few fused kernels instead of some 300 small operations, each of which costs more than its
+        arithmetic at batch 1. The caller sets step_pos and advances cache.pos. Computes what
+        forward(idx, cache=cache) computes."""
+        cos, sin = self.rope_cos[cache.step_pos], self.rope_sin[cache.step_pos]
+        x = self.embed(idx)
+        cos, sin = rope_factors(cos, sin, x.dtype)
+        attn_mask = cache.attention_mask(1)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, attn_mask)
+        return self.lm_head(self.norm(x))
+
+    def compiled_step(self):
+        """decode_step compiled, once per model. A second batch size or cache length makes torch.compile compile
+        that dimension as dynamic, so a server's changing batches cost two or three compilations in all."""
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.decode_step, fullgraph=True)
+        return self._compiled_step
+
     def num_params(self, active=False):
         """Total parameters, embeddings included (Tanuki-8B: 7.52B). `active` counts the parameters one token
         uses, which differs from the total only for a Mixture of Experts (moe.py)."""
@@ -320,12 +369,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
-               seed=None, pad_id=0):
+               seed=None, pad_id=0, compile=False):
         """Generate for a batch of prompts (lists of token ids, any lengths) with a KV cache.
         Yields once per step a list with every row's new token id, or None for rows already finished. A row
         finishes after it samples one of `stop_tokens` (which is yielded) or after max_new_tokens tokens.
         temperature 0 is greedy; top_k keeps the k most likely tokens; top_p the smallest set whose probability
-        reaches p (nucleus sampling). `seed` makes sampling reproducible."""
+        reaches p (nucleus sampling). `seed` makes sampling reproducible. compile: the prompt is read eagerly, every
+        later token by the compiled decode_step; the first call of each new shape pays a compilation."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
         device = self.embed.weight.device
@@ -335,7 +385,10 @@ class Transformer(nn.Module):
                              f"({self.cfg.max_seq_len})")
         # left-pad to one length: every row then writes the same cache slot at each step. RoPE depends only on
         # relative positions, so a row's absolute shift by its padding changes nothing it computes.
-        cache = KVCache(self.cfg, B, longest + max_new_tokens, device, self.embed.weight.dtype)
+        cache_len = longest + max_new_tokens
+        if compile:  # a power of two: a handful of cache shapes, so a handful of compilations, serve every request
+            cache_len = min(self.cfg.max_seq_len, max(256, 1 << (cache_len - 1).bit_length()))
+        cache = KVCache(self.cfg, B, cache_len, device, self.embed.weight.dtype)
         idx = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
             idx[row, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
@@ -346,8 +399,12 @@ class Transformer(nn.Module):
             generator = torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx, cache=cache)
+        for step in range(max_new_tokens):
+            if compile and step > 0:
+                cache.step_pos = torch.tensor([cache.pos], device=device)
+                logits, cache.pos = self.compiled_step()(idx, cache), cache.pos + 1
+            else:
+                logits, _ = self(idx, cache=cache)
             next_token = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
             yield [None if done else tok for tok, done in zip(next_token.tolist(), finished.tolist())]
             finished |= torch.isin(next_token, stop)

@@ -42,9 +42,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
-from checkpoint import load_checkpoint, write_safetensors
+from checkpoint import load_checkpoint
 from common import load_config, setup_distributed
-from tokenizer import ROLES, render_chat, save_hf_tokenizer, special_id
+from export import save_hf
+from tokenizer import ROLES, render_chat, special_id
 
 # -----------------------------------------------------------------------------
 init_from = "out/sft"   # a checkpoint directory written by checkpoint.save_checkpoint (any stage)
@@ -65,6 +66,8 @@ allowed_hosts = ""      # Host names to answer besides localhost and IP addresse
 client_timeout = 30.0   # seconds for a client to send its whole request, and for each write to a client
 max_connections = 512   # more open connections get a 503 (each holds a file descriptor: keep it under ulimit -n)
 max_handlers = 64       # threads reading requests and writing answers; more connections wait their turn
+compile_decode = False  # decode with the compiled step (model.decode_step): faster per token after a compilation
+                        # on the first request and on the first new batch size (tens of seconds on a CPU)
 # terminal chat; common chat sampling settings, not the recipe's (docs/recipe.md gives none); 0 is greedy
 system_prompt = ""      # the first message of every conversation when not empty
 max_new_tokens = 512
@@ -77,96 +80,6 @@ if __name__ == "__main__":
     load_config(globals())
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# -----------------------------------------------------------------------------
-# export to Hugging Face: Llama for a dense model, Mixtral for a Mixture of Experts
-
-# Our weight name -> Hugging Face Llama's ({i}: the layer). A renaming only: model.py follows HF's conventions.
-# RoPE rotates split halves (x_i, x_{i + head_dim/2}) as HF's rotate_half does, so q and k need no permutation
-# (Meta's original checkpoints pair neighbours; that is the permutation HF's convert_llama_weights_to_hf.py applies).
-# nn.Linear stores (out, in) on both sides, and RMSNorm's weight is a plain scale on both sides.
-LLAMA_NAMES = {
-    "embed.weight":                 "model.embed_tokens.weight",
-    "blocks.{i}.attn_norm.weight":  "model.layers.{i}.input_layernorm.weight",
-    "blocks.{i}.attn.wq.weight":    "model.layers.{i}.self_attn.q_proj.weight",
-    "blocks.{i}.attn.wk.weight":    "model.layers.{i}.self_attn.k_proj.weight",
-    "blocks.{i}.attn.wv.weight":    "model.layers.{i}.self_attn.v_proj.weight",
-    "blocks.{i}.attn.wo.weight":    "model.layers.{i}.self_attn.o_proj.weight",
-    "blocks.{i}.ffn_norm.weight":   "model.layers.{i}.post_attention_layernorm.weight",
-    "blocks.{i}.ffn.w_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blocks.{i}.ffn.w_up.weight":   "model.layers.{i}.mlp.up_proj.weight",
-    "blocks.{i}.ffn.w_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "norm.weight":                  "model.norm.weight",
-    "lm_head.weight":               "lm_head.weight",
-}
-# Mixtral's names for the MoE FFN ({e}: the expert): our stacked (E, out, in) weights become one matrix per expert,
-# the layout transformers (which fuses them on load) and vLLM read. w1 = gate, w3 = up, w2 = down.
-MIXTRAL_NAMES = {
-    "blocks.{i}.ffn.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
-    "blocks.{i}.ffn.w_gate":        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
-    "blocks.{i}.ffn.w_down":        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
-    "blocks.{i}.ffn.w_up":          "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
-}
-
-
-def hf_tensors(model):
-    """Our weights under Hugging Face's names, as views (no copies). A KeyError for a weight the tables do not
-    know: an export must not drop a tensor silently."""
-    tensors = {}
-    for name, t in model.state_dict().items():
-        parts = name.split(".")
-        layer = parts[1] if parts[0] == "blocks" else None
-        key = f"blocks.{{i}}.{'.'.join(parts[2:])}" if layer is not None else name
-        if key.endswith("ffn.expert_bias"):
-            if t.any():
-                raise ValueError("this MoE routes with an auxiliary-loss-free selection bias, which Mixtral cannot "
-                                 "express: its exported router would pick other experts")
-            continue
-        if key in ("blocks.{i}.ffn.w_gate", "blocks.{i}.ffn.w_up", "blocks.{i}.ffn.w_down"):
-            for e in range(t.size(0)):
-                tensors[MIXTRAL_NAMES[key].format(i=layer, e=e)] = t[e]
-        else:
-            tensors[{**LLAMA_NAMES, **MIXTRAL_NAMES}[key].format(i=layer)] = t
-    if model.cfg.tie_embeddings:
-        del tensors["lm_head.weight"]  # HF re-ties it to embed_tokens from tie_word_embeddings
-    return tensors
-
-
-def save_hf(model, enc, out_dir, dtype=None):
-    """Write `model` and `enc` as a Hugging Face Llama (dense) or Mixtral (MoE) checkpoint in out_dir: config.json,
-    model.safetensors, generation_config.json and the tokenizer. dtype None keeps the model's dtype."""
-    cfg = model.cfg
-    if cfg.n_experts and (cfg.moe_router == "softmax_topk" or cfg.moe_layer_interval != 1 or cfg.moe_capacity_factor):
-        # Mixtral: every layer an MoE, dropless, gates = softmax over the top-k logits (= renormalized top-k)
-        raise ValueError(f"Mixtral cannot express this MoE (moe_router={cfg.moe_router}, moe_layer_interval="
-                         f"{cfg.moe_layer_interval}, moe_capacity_factor={cfg.moe_capacity_factor})")
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(model), dtype)
-    bos, eos, pad, end = (special_id(enc, t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"))
-    dtype_name = str(dtype or model.embed.weight.dtype).removeprefix("torch.")
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        # transformers 5 reads rope_parameters; transformers 4 and older vLLM releases read rope_theta
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "use_cache": True,
-        "dtype": dtype_name, "torch_dtype": dtype_name,  # transformers 5's name, and the one before it
-    }
-    if cfg.n_experts:
-        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
-                       "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.moe_top_k,
-                       "router_aux_loss_coef": cfg.moe_aux_loss_coef, "output_router_logits": False})
-    # a chat turn ends with <|end|>, a document with <|eos|>: generate() and vLLM stop at either, as serve.py does
-    generation = {"bos_token_id": bos, "eos_token_id": [end, eos], "pad_token_id": pad}
-    for filename, obj in [("config.json", config), ("generation_config.json", generation)]:
-        with open(os.path.join(out_dir, filename), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-    save_hf_tokenizer(enc, out_dir, model_max_length=cfg.max_seq_len)
-
 
 # -----------------------------------------------------------------------------
 # chat
@@ -393,7 +306,7 @@ class Server(HTTPServer):
 
     def __init__(self, model, enc, host="127.0.0.1", port=0, model_name="nanotanuki", max_tokens_cap=2048,
                  max_n=8, max_batch_size=32, max_request_bytes=1_000_000, allowed_hosts=(), client_timeout=30.0,
-                 max_connections=512, max_handlers=64):
+                 max_connections=512, max_handlers=64, compile_decode=False):
         super().__init__((host, port), Handler)
         self.socket.setblocking(False)  # accept() of a client that left meanwhile fails instead of waiting
         self.model, self.enc, self.model_name = model, enc, model_name
@@ -403,7 +316,7 @@ class Server(HTTPServer):
         self.client_timeout, self.max_connections, self.max_handlers = client_timeout, max_connections, max_handlers
         # a chat turn ends with <|end|>, a document with <|eos|>: stop at either, as the exported generation config
         self.stop_ids = (special_id(enc, "<|end|>"), special_id(enc, "<|eos|>"))
-        self.pad_id = special_id(enc, "<|pad|>")
+        self.pad_id, self.compile_decode = special_id(enc, "<|pad|>"), compile_decode
         self.vocab_hook = mask_undecodable(model, enc)
         self.pending, self.ready, self.closing = [], threading.Condition(), False
         # each open connection -> the time.monotonic() by which its request must have arrived (None: not timed)
@@ -530,7 +443,8 @@ class Server(HTTPServer):
             try:
                 steps = max(job.max_tokens for job in batch)
                 for step in self.model.stream([c.job.prompt for c in rows], steps, stop_tokens=self.stop_ids,
-                                              pad_id=self.pad_id, **batch[0].sampling):
+                                              pad_id=self.pad_id, compile=self.compile_decode,
+                                              **batch[0].sampling):
                     for choice, token in zip(rows, step):  # a cancelled job's rows run on, unread
                         if token is not None and choice.finish_reason is None and not choice.job.cancelled:
                             choice.add(token, self.enc, self.stop_ids)
@@ -716,7 +630,7 @@ if __name__ == "__main__":
     if not chat:
         name = model_name or os.path.basename(os.path.normpath(init_from))
         server = Server(model, enc, host, port, name, max_tokens_cap, max_n, max_batch_size, max_request_bytes,
-                        allowed_hosts.split(","), client_timeout, max_connections, max_handlers)
+                        allowed_hosts.split(","), client_timeout, max_connections, max_handlers, compile_decode)
         # the bound port (port=0 picks a free one), flushed: scripts and tests read it from here
         print(f"{about} Serving '{name}' at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops).",
               file=sys.stderr, flush=True)
@@ -732,7 +646,7 @@ if __name__ == "__main__":
     if budget < 8:
         sys.exit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}")
     mask_undecodable(model, enc)
-    sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
+    sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, compile=compile_decode)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages = list(system)
     print(f"{about} /reset clears the conversation, /quit exits.", file=sys.stderr)

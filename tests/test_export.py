@@ -1,4 +1,4 @@
-"""Claims about serve.py: the Hugging Face export is the same model (transformers' Llama gives our logits and our
+"""Claims about export.py and serve.py: the Hugging Face export is the same model (transformers' Llama gives our logits and our
 greedy tokens, GQA, tied embeddings and any RoPE theta included), the exported tokenizer gives our ids, and the
 terminal chat streams whole characters, forgets the oldest turns when the context is full, and runs end to end."""
 
@@ -14,6 +14,7 @@ import transformers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import serve  # noqa: E402  (its script flow runs only under __main__)
+from export import save_hf  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import render_chat, special_id  # noqa: E402
@@ -34,7 +35,7 @@ def checkpoint(directory, enc, **overrides):
 
 def export(ckpt, out):
     model, enc, _ = load_checkpoint(ckpt)
-    serve.save_hf(model, enc, out)
+    save_hf(model, enc, out)
     return model, transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
@@ -53,8 +54,8 @@ def test_transformers_llama_gives_our_logits(tmp_path, enc, tie, theta):
 
 def test_bfloat16_export_halves_the_file_and_keeps_the_weights(tmp_path, enc):
     model, _, _ = load_checkpoint(checkpoint(tmp_path / "ckpt", enc))
-    serve.save_hf(model, enc, tmp_path / "f32")
-    serve.save_hf(model, enc, tmp_path / "bf16", dtype=torch.bfloat16)
+    save_hf(model, enc, tmp_path / "f32")
+    save_hf(model, enc, tmp_path / "bf16", dtype=torch.bfloat16)
     sizes = [os.path.getsize(tmp_path / d / "model.safetensors") for d in ("f32", "bf16")]
     assert abs(sizes[0] / sizes[1] - 2) < 0.01
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16")

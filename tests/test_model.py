@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, Transformer, apply_rope, rope_tables, sample  # noqa: E402
+from model import ModelConfig, Transformer, apply_rope, rope_factors, rope_tables, sample  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,9 @@ def test_rope_depends_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
 
     def score(m, n):
-        return (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum()
+        at_m = rope_factors(cos[m : m + 1], sin[m : m + 1], q.dtype)
+        at_n = rope_factors(cos[n : n + 1], sin[n : n + 1], q.dtype)
+        return (apply_rope(q, *at_m) * apply_rope(k, *at_n)).sum()
 
     assert torch.allclose(score(5, 2), score(105, 102), atol=1e-4)
     assert torch.allclose(score(40, 40), (q * k).sum(), atol=1e-5)  # same position: no rotation left
@@ -77,6 +79,30 @@ def test_batched_generation_with_mixed_prompt_lengths_equals_one_by_one():
     batched = model.generate(prompts, max_new_tokens=10, temperature=0)
     alone = [model.generate([p], max_new_tokens=10, temperature=0)[0] for p in prompts]
     assert batched == alone
+
+
+def test_compiled_decode_step_equals_eager_decoding():
+    """The compiled step (fixed shapes: the whole cache buffer and a full mask) gives eager decoding's logits at every
+    step, for left-padded rows of different prompt lengths, and generate(compile=True) the same tokens."""
+    from model import KVCache
+    model = tiny(n_layer=1)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    idx = torch.tensor([[0, 0, 0, 0, 1, 2, 3], prompts[1]])
+    eager, static = (KVCache(model.cfg, 2, 32, "cpu", torch.float32) for _ in range(2))
+    for cache in (eager, static):
+        cache.key_valid[0, :4], cache.padded = False, True
+    with torch.no_grad():
+        model(idx, cache=eager)
+        model(idx, cache=static)
+        step = model.compiled_step()
+        token = torch.tensor([[5], [6]])
+        for _ in range(6):
+            static.step_pos = torch.tensor([static.pos])
+            ours, static.pos = step(token, static), static.pos + 1
+            theirs = model(token, cache=eager)[0]
+            assert (ours - theirs).abs().max() < 1e-5
+            token = theirs[:, -1].argmax(-1, keepdim=True)
+    assert model.generate(prompts, 12, temperature=0, compile=True) == model.generate(prompts, 12, temperature=0)
 
 
 def test_stop_tokens_end_a_row():

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe  # noqa: E402
-from model import Block, ModelConfig, rope_tables  # noqa: E402
+from model import Block, ModelConfig, rope_factors, rope_tables  # noqa: E402
 from moe import (MoE, balance_loss, expert_loop, expert_sorted, route, router_z_loss,  # noqa: E402
                  update_expert_bias)
 
@@ -154,7 +154,7 @@ def assert_compiles_whole(cfg, expect_ops=()):
     if is_moe:
         block.ffn.expert_bias.normal_(std=0.05)
     x = torch.randn(2, 8, cfg.d_model)
-    cos, sin = rope_tables(cfg.head_dim, 8, cfg.rope_theta)
+    cos, sin = rope_factors(*rope_tables(cfg.head_dim, 8, cfg.rope_theta), x.dtype)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(block)(x, cos, sin)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -204,11 +204,11 @@ def test_recomputation_in_the_backward_does_not_replace_the_forwards_losses():
     # balance loss on the module, that loss would keep the rerun's whole graph alive until the next forward
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from model import Block, ModelConfig, rope_tables
+    from model import Block, ModelConfig, rope_factors, rope_tables
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, n_kv_head=2, ffn_hidden=64, max_seq_len=16,
                       n_experts=4)
     block = checkpoint_wrapper(Block(cfg), preserve_rng_state=False)
-    cos, sin = rope_tables(cfg.head_dim, 16, cfg.rope_theta)
+    cos, sin = rope_factors(*rope_tables(cfg.head_dim, 16, cfg.rope_theta), torch.float32)
     x = torch.randn(2, 16, 32, requires_grad=True)
     y = block(x, cos, sin)
     moe = block._checkpoint_wrapped_module.ffn

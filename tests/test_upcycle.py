@@ -100,10 +100,10 @@ def test_8x8b_is_47b_total_13b_active():
 @pytest.mark.parametrize("mode", ["topk_softmax", "softmax_topk_renorm"])
 def test_mixtral_export_gives_our_logits(dense, tmp_path, mode):
     import transformers
-    import serve
+    from export import save_hf
     moe = upcycle(dense, tmp_path / "moe", "--noise_ratio=0.05", "--router_init_std=0.5", f"--moe_router={mode}")
     _, enc, _ = load_checkpoint(tmp_path / "moe")
-    serve.save_hf(moe, enc, tmp_path / "hf")
+    save_hf(moe, enc, tmp_path / "hf")
     hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert hf.config.num_local_experts == 4 and hf.config.num_experts_per_tok == 2
     idx = torch.randint(0, moe.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -113,8 +113,8 @@ def test_mixtral_export_gives_our_logits(dense, tmp_path, mode):
 
 
 def test_mixtral_export_refuses_what_it_cannot_express(dense, tmp_path):
-    import serve
+    from export import save_hf
     moe = upcycle(dense, tmp_path / "moe", "--moe_router=softmax_topk")
     _, enc, _ = load_checkpoint(tmp_path / "moe")
     with pytest.raises(ValueError, match="Mixtral cannot express"):
-        serve.save_hf(moe, enc, tmp_path / "hf")
+        save_hf(moe, enc, tmp_path / "hf")
