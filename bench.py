@@ -95,6 +95,7 @@ rep_ms = 500
 # the measurement
 steps = 3             # timed forward+backward steps after one warm-up step
 gen_tokens = 32       # new tokens per generated row, after a 16-token prompt
+decode_compiled = True  # also time generation with the compiled decode step (it compiles first: a minute on a CPU)
 device = "auto"       # cuda if available
 # train.py's settings that configs/*.py also set: accepted so that the same files load here, and not used
 learning_rate = min_lr = weight_decay = beta1 = beta2 = grad_clip = moe_aux_loss_coef = moe_z_loss_coef = 0.0
@@ -454,17 +455,20 @@ def simulate_report():
 # -----------------------------------------------------------------------------
 # measurements on this device: the model's forward+backward, the MoE dispatch paths, generation
 
-def timed(fn, dev, n):
-    """Seconds per call of fn: one warm-up call (compilation, allocator), then the mean of n."""
+def timed(fn, dev, n, best=False):
+    """Seconds per call of fn: one warm-up call (compilation, allocator), then the mean of n, or with best=True the
+    fastest of n (short calls on a shared CPU: the least disturbed run is the closest to the code's own speed)."""
     fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(n):
+        if dev.type == "cuda":  # kernels run asynchronously: wait for the last before reading the clock
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
         fn()
-    if dev.type == "cuda":  # kernels run asynchronously: wait for the last before reading the clock
-        torch.cuda.synchronize(dev)
-    return (time.perf_counter() - t0) / n
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times) if best else sum(times) / n
 
 
 def peak_memory(dev):
@@ -553,27 +557,28 @@ def decode_report(model, dev):
         hf = hf.to(dev, model.embed.weight.dtype).eval()
     except ImportError:
         hf = None
-    print(f"\ngeneration with the KV cache: 16-token prompts, {gen_tokens} new tokens per row, greedy, tokens/s"
-          + ("" if hf else " (transformers is not installed: no comparison)"))
+    print(f"\ngeneration with the KV cache: 16-token prompts, {gen_tokens} new tokens per row, greedy, tokens/s "
+          f"(the best of {max(steps, 5)} runs)"
+          + ("" if hf is not None else " (transformers is not installed: no comparison)"))
     print(f"  {'batch':>5s} {'eager':>10s} {'compiled':>10s} {'transformers':>13s} {'eager/hf':>9s} {'compiled/hf':>12s}")
     for batch in (1, 8):
         prompts = torch.randint(0, model.cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
-        eager = model.generate(prompts.tolist(), gen_tokens, temperature=0)
-        compiled = model.generate(prompts.tolist(), gen_tokens, temperature=0, compile=True)  # compiles
-        rates = [batch * gen_tokens / timed(lambda c=c: model.generate(prompts.tolist(), gen_tokens, temperature=0,
-                                                                       compile=c), dev, steps)
-                 for c in (False, True)]
-        same = compiled == eager
+        runs = {"eager": lambda: model.generate(prompts.tolist(), gen_tokens, temperature=0)}
+        if decode_compiled:
+            runs["compiled"] = lambda: model.generate(prompts.tolist(), gen_tokens, temperature=0, compile=True)
         if hf is not None:
             def hf_generate():
                 with torch.no_grad():  # min_new_tokens and no eos: exactly gen_tokens new tokens per row
                     return hf.generate(prompts.to(dev), max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
                                        do_sample=False, eos_token_id=None, pad_token_id=0)[:, 16:].tolist()
-            same = same and hf_generate() == eager
-            rates.append(batch * gen_tokens / timed(hf_generate, dev, steps))
-        ratios = [f"{r / rates[2]:.2f}x" for r in rates[:2]] if hf is not None else ["-", "-"]
-        hf_rate = f"{rates[2]:13,.0f}" if hf is not None else f"{'-':>13s}"
-        print(f"  {batch:5d} {rates[0]:10,.0f} {rates[1]:10,.0f} {hf_rate} {ratios[0]:>9s} {ratios[1]:>12s}"
+            runs["transformers"] = hf_generate
+        tokens = {name: run() for name, run in runs.items()}  # the first call also compiles
+        rate = {name: batch * gen_tokens / timed(run, dev, max(steps, 5), best=True) for name, run in runs.items()}
+        same = all(t == tokens["eager"] for t in tokens.values())
+        cells = [f"{rate[name]:,.0f}" if name in rate else "-" for name in ("eager", "compiled", "transformers")]
+        cells += [f"{rate[name] / rate['transformers']:.2f}x" if name in rate and hf is not None else "-"
+                  for name in ("eager", "compiled")]
+        print(f"  {batch:5d} {cells[0]:>10s} {cells[1]:>10s} {cells[2]:>13s} {cells[3]:>9s} {cells[4]:>12s}"
               + ("" if same else "  DIFFERENT TOKENS"))
 
 

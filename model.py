@@ -104,6 +104,23 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
+def document_starts(doc_ids):
+    """(B, T) -> (B, T): the position where each token's document begins. A document is a run of equal consecutive
+    ids (as the kernels read them: an id that comes back later starts a new document)."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def document_mask(doc_ids):
+    """The block-diagonal causal mask (B, 1, T, T) of packed documents: earlier keys of the same document only."""
+    begin = document_starts(doc_ids)
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((begin[:, :, None] == begin[:, None, :]) & causal)[:, None]
+
+
 class KVCache:
     """Keys and values of every layer for one batch being generated, preallocated for `max_len` positions. `pos`
     positions are filled; `key_valid` marks the real tokens of left-padded prompts (False on padding), so a batch can
@@ -159,7 +176,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
+    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None, doc_ids=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
@@ -171,10 +188,16 @@ class Attention(nn.Module):
         # kernels/attention.py. Elsewhere, and for generation's masks, SDPA; enable_gqa lets each K/V head serve
         # n_head / n_kv_head query heads without materializing repeated copies of K and V (as the kernel does).
         # Decoding without padding needs no mask: one new query sees every cached key, and a prompt filled from
-        # position 0 is plain causal attention (KVCache.mask).
+        # position 0 is plain causal attention (KVCache.mask). Packed documents (doc_ids): the kernel skips the key
+        # blocks of other documents on CUDA; on the CPU SDPA runs a chunk of queries at a time over its documents'
+        # keys, never a (T, T) mask per row, except under torch.compile, which cannot trace that path's host loop
         if attn_mask is None and cache is None and kernels.use_triton(q):
-            y = kernels.flash_attention(q, k, v, causal=True)
+            y = kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        elif doc_ids is not None and not torch.compiler.is_compiling():
+            y = kernels.document_attention(q, k, v, doc_ids)
         else:
+            if doc_ids is not None:
+                attn_mask = document_mask(doc_ids)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                                enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
@@ -202,8 +225,8 @@ class Block(nn.Module):
         is_moe = cfg.n_experts > 0 and (layer + 1) % cfg.moe_layer_interval == 0
         self.ffn = MoE(cfg) if is_moe else SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
+    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None, doc_ids=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask, doc_ids)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -281,20 +304,16 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         attn_mask = None if cache is None else cache.mask(T)
         if doc_ids is not None:
-            # a position's index within its document: t minus where that document began (the last change of id)
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) is for training and scoring, not for a KV cache")
+            # a position's index within its document: t minus where that document began
             t = torch.arange(T, device=idx.device).expand(B, T)
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T)
+            positions = t - document_starts(doc_ids)  # (B, T)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim // 2)
-            # block-diagonal causal mask (B, 1, T, T): earlier keys of the same document only. The flash kernel
-            # takes no mask, so packed batches go through SDPA (Attention.forward)
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-            attn_mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
         x = self.embed(idx)  # (B, T, d_model)
         cos, sin = rope_factors(cos, sin, x.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, attn_mask)
+            x = block(x, cos, sin, cache, layer, attn_mask, doc_ids)
         x = self.norm(x)
         if cache is not None:
             cache.pos += T

@@ -5,11 +5,16 @@ sent to the top 2, their outputs summed with the router's gates. model.py uses `
 
     x (N tokens, d) -> router (float32) -> top-k experts + gates per token
       -> sort the N*k (token, expert) assignments by expert -> one SwiGLU per expert on its contiguous slice
-         (all experts in one grouped matrix multiply) -> weight by the gates and add back into token order
+         -> weight by the gates and add back into token order
 
 Experts are stacked weights, w_gate/w_up (E, ffn_hidden, d) and w_down (E, d, ffn_hidden), laid out as nn.Linear's
 (out, in) so that expert e of an upcycled model is literally the dense FFN's matrices (upcycle.py), and so that a
-grouped matrix multiply can run all experts in one kernel (kernels/, issue "kernels").
+grouped matrix multiply can run all experts in one kernel. Three implementations of the sorted dispatch, equal to
+the plain loop `expert_loop` (tests/test_moe.py, tests/test_moe_kernels.py):
+  CUDA (default)        kernels/moe.py: a grouped GEMM for gate and up with SwiGLU in its epilogue, x read through
+                        the sorted index, the backward's SwiGLU and combine in the epilogue of the down product's
+  CPU (default)         `_moe_experts` below: expert by expert, by hand, forward and backward, the fastest here
+  NANOTANUKI_MOE_GEMM=grouped_mm   torch._grouped_mm for every product, on any device, to compare against
 
 Routing modes (`moe_router`):
   topk_softmax          softmax over the top-k logits only: the gates sum to 1 (Mixtral)
@@ -24,6 +29,8 @@ balancing: a per-expert bias added to the scores for selection only, nudged towa
 """
 
 import math
+import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -95,8 +102,181 @@ def expert_loop(x, experts, gates, w_gate, w_up, w_down, capacity=None):
 
 
 # -----------------------------------------------------------------------------
-# grouped matrix multiply: every expert's product on its contiguous slice of the sorted rows, in one call.
-# torch._grouped_mm does exactly this, but torch.compile's shape rules for it (its meta function) accept only
+# sorted dispatch: the N*k (token, expert) assignments sorted by expert, so that each expert's rows are one slice
+
+GEMM_BACKENDS = ("auto", "grouped_mm")
+
+
+def gemm_backend():
+    """NANOTANUKI_MOE_GEMM picks what multiplies the experts' matrices: "auto" (unset) is the Triton kernels for CUDA
+    tensors (kernels/moe.py) and the per-expert PyTorch path below elsewhere, the fastest on each; "grouped_mm" is
+    torch._grouped_mm for every expert product, on any device (kept to compare against: CPU in any float dtype,
+    CUDA in bf16 from sm90). Read at every call, like NANOTANUKI_KERNELS, so a test can switch it."""
+    choice = os.environ.get("NANOTANUKI_MOE_GEMM", "auto")
+    if choice not in GEMM_BACKENDS:
+        raise ValueError(f"NANOTANUKI_MOE_GEMM={choice}: use one of {GEMM_BACKENDS}, or leave it unset")
+    return choice
+
+
+def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """Dropless (unless `capacity` is set: each expert keeps its first `capacity` assignments in token order)
+    dispatch: sort the N*k assignments by expert so that each expert's tokens are one contiguous slice, run every
+    expert's SwiGLU on its slice, and add the gated outputs back by token. Equal to expert_loop, gradients
+    included. Each implementation is one opaque custom op (or ops of fixed output shapes), so torch.compile traces
+    the layer whole whatever the routing."""
+    if gemm_backend() == "grouped_mm":
+        return expert_grouped_mm(x, experts, gates, w_gate, w_up, w_down, capacity)
+    if kernels.use_triton(x):  # on CUDA: kernels/moe.py
+        return kernels.moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
+    return _moe_experts(x.contiguous(), experts, gates, w_gate, w_up, w_down, capacity)[0]
+
+
+def sort_by_expert(experts, n_experts, capacity=None):
+    """experts (N, k) -> (position (N*k,) int32: each assignment's row in expert order, -1 if dropped;
+    sorted_assign (N*k,) int32: the assignment at each row, -1 past the kept rows; offsets (E + 1,) int32: expert e
+    owns rows [offsets[e], offsets[e + 1])). A stable sort keeps token order inside an expert, so capacity keeps
+    the first tokens. The reference of kernels/moe.py's counting sort (`permute`), which returns the same."""
+    flat = experts.reshape(-1)
+    n = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = expert_counts(experts, n_experts)
+    if capacity is not None:
+        rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+        order, counts = order[rank < capacity], counts.clamp(max=capacity)
+    position = torch.full((n,), -1, dtype=torch.int32, device=flat.device)
+    position[order] = torch.arange(order.numel(), dtype=torch.int32, device=flat.device)
+    sorted_assign = torch.full((n,), -1, dtype=torch.int32, device=flat.device)
+    sorted_assign[:order.numel()] = order.int()
+    return position, sorted_assign, F.pad(torch.cumsum(counts, 0), (1, 0)).int()
+
+
+# -----------------------------------------------------------------------------
+# The per-expert path, written out by hand, forward and backward. On a CPU the layer's time is its nine matrix
+# products per expert (three forward, six backward) plus whatever passes over memory surround them; this path
+# makes those passes few and cache-sized:
+#   - one expert at a time, so each elementwise step (SwiGLU, its backward, the gate scaling) runs on an expert's
+#     ~n/E rows right after the product that made them, while they are still in cache, rather than streaming
+#     (N*k, ffn) tensors through memory between whole-batch products
+#   - products write into row slices of preallocated buffers (torch.mm(out=)), never into column slices: MKL runs
+#     ~8% slower writing or reading a strided half of a [g | u] buffer (measured), so g and u, dg and du are
+#     separate contiguous tensors. Each is under glibc's 32 MiB mmap ceiling at this benchmark's shapes, so after
+#     the first step its memory comes back from the heap instead of being mapped and zeroed by the OS again
+#   - the gather into expert order is an index_select per expert; the combine is one index_select of the products
+#     (dropped assignments read a zero row) and one batched (1 x k) @ (k x d) per token; its backward sums the k
+#     rows read in (k, N) order (a sum over a leading dimension: contiguous adds)
+#   - nothing is recomputed except h = silu(g) u, and nothing is saved twice: g, u and the unscaled products
+#     (for the gates' gradient) are the op's extra outputs
+# The expert boundaries are read on the host (one .tolist()), hidden inside the custom op: torch.compile sees one
+# node of known output shapes.
+
+def _sorted_rows(position, n_rows):
+    # each assignment's row in expert order, and for a dropped one the zero row at n_rows
+    return torch.where(position >= 0, position, n_rows)
+
+
+@torch.library.custom_op("nanotanuki::moe_experts", mutates_args=())
+def _moe_experts(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, w_gate: torch.Tensor,
+                 w_up: torch.Tensor, w_down: torch.Tensor, capacity: Optional[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """-> y (N, d), then for the backward: g, u (N*k, f) and out (N*k + 1, d, the last row zero) in expert order,
+    and the permutation (position, sorted_assign, offsets)."""
+    N, k = experts.shape
+    E, f, d = w_gate.shape
+    position, sorted_assign, offsets = sort_by_expert(experts, E, capacity)
+    bounds = offsets.tolist()
+    token = sorted_assign // k
+    g, u = x.new_empty(N * k, f), x.new_empty(N * k, f)
+    out = x.new_empty(N * k + 1, d)
+    out[-1] = 0
+    h = x.new_empty(max(b - a for a, b in zip(bounds, bounds[1:])), f)
+    for e in range(E):
+        a, b = bounds[e], bounds[e + 1]
+        if a == b:
+            continue
+        xs = x.index_select(0, token[a:b])
+        torch.mm(xs, w_gate[e].t(), out=g[a:b])
+        torch.mm(xs, w_up[e].t(), out=u[a:b])
+        torch.mul(F.silu(g[a:b]), u[a:b], out=h[:b - a])
+        torch.mm(h[:b - a], w_down[e].t(), out=out[a:b])
+    picked = out.index_select(0, _sorted_rows(position, N * k)).view(N, k, d)
+    y = torch.bmm(gates.to(x.dtype).view(N, 1, k), picked).view(N, d)
+    return y, g, u, out, position, sorted_assign, offsets
+
+
+@_moe_experts.register_fake
+def _(x, experts, gates, w_gate, w_up, w_down, capacity):
+    (N, d), rows, f = x.shape, experts.numel(), w_gate.shape[1]
+    index = experts.new_empty(rows, dtype=torch.int32)
+    return (x.new_empty(N, d), x.new_empty(rows, f), x.new_empty(rows, f), x.new_empty(rows + 1, d), index,
+            torch.empty_like(index), index.new_empty(w_gate.shape[0] + 1))
+
+
+@torch.library.custom_op("nanotanuki::moe_experts_backward", mutates_args=())
+def _moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, w_gate: torch.Tensor,
+                          w_up: torch.Tensor, w_down: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                          out: torch.Tensor,
+                          position: torch.Tensor, sorted_assign: torch.Tensor, offsets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx, d_gates, dw_gate, dw_up, dw_down: per expert, the chain rule of y = gate * (silu(g) u) W_down^T with
+    g, u = x W_gate^T, x W_up^T, on the expert's rows while they are in cache."""
+    N, k = gates.shape
+    E, f, d = w_gate.shape
+    bounds = offsets.tolist()
+    token = sorted_assign // k
+    gate = gates.reshape(-1).to(x.dtype)[sorted_assign.clamp(min=0)]          # each sorted row's gate
+    d_xs, d_gate = x.new_empty(N * k + 1, d), x.new_empty(N * k + 1)           # + the zero row, as in the forward
+    d_xs[-1], d_gate[-1] = 0, 0
+    dw_gate, dw_up, dw_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+    most = max(b - a for a, b in zip(bounds, bounds[1:]))
+    silu, h, dg, du = (x.new_empty(most, f) for _ in range(4))  # one expert's rows at a time
+    for e in range(E):
+        a, b = bounds[e], bounds[e + 1]
+        if a == b:  # no rows: no gradient
+            dw_gate[e], dw_up[e], dw_down[e] = 0, 0, 0
+            continue
+        n, ge, ue = b - a, g[a:b], u[a:b]
+        d_out = dy.index_select(0, token[a:b])
+        torch.linalg.vecdot(d_out, out[a:b], out=d_gate[a:b])                 # d gate = dy . out
+        d_out.mul_(gate[a:b, None])                                            # d out = gate dy
+        torch.ops.aten.silu.out(ge, out=silu[:n])
+        torch.mul(silu[:n], ue, out=h[:n])
+        torch.mm(d_out.t(), h[:n], out=dw_down[e])
+        dh = torch.mm(d_out, w_down[e], out=h[:n])                             # h is no longer needed
+        torch.mul(dh, silu[:n], out=du[:n])
+        torch.ops.aten.silu_backward.grad_input(dh.mul_(ue), ge, grad_input=dg[:n])  # dg = dh u silu'(g)
+        xs = x.index_select(0, token[a:b])
+        torch.mm(dg[:n].t(), xs, out=dw_gate[e])
+        torch.mm(du[:n].t(), xs, out=dw_up[e])
+        torch.mm(dg[:n], w_gate[e], out=d_xs[a:b]).addmm_(du[:n], w_up[e])
+    rows = _sorted_rows(position, N * k)
+    dx = d_xs.index_select(0, rows.view(N, k).t().reshape(-1)).view(k, N, d).sum(0)
+    return dx, d_gate.index_select(0, rows).view(N, k).to(gates.dtype), dw_gate, dw_up, dw_down
+
+
+@_moe_experts_backward.register_fake
+def _(dy, x, gates, w_gate, w_up, w_down, g, u, out, position, sorted_assign, offsets):
+    return (torch.empty_like(x), torch.empty_like(gates), torch.empty_like(w_gate), torch.empty_like(w_up),
+            torch.empty_like(w_down))
+
+
+def _moe_experts_setup(ctx, inputs, output):
+    x, _, gates, w_gate, w_up, w_down, _ = inputs
+    ctx.save_for_backward(x, gates, w_gate, w_up, w_down, *output[1:])
+    ctx.set_materialize_grads(False)  # the extra outputs never get a gradient: no zero tensors made for them
+
+
+def _moe_experts_grad(ctx, dy, *_):
+    dx, d_gates, dw_gate, dw_up, dw_down = _moe_experts_backward(dy.contiguous(), *ctx.saved_tensors)
+    return dx, None, d_gates, dw_gate, dw_up, dw_down, None
+
+
+_moe_experts.register_autograd(_moe_experts_grad, setup_context=_moe_experts_setup)
+
+
+# -----------------------------------------------------------------------------
+# the torch._grouped_mm backend (NANOTANUKI_MOE_GEMM=grouped_mm): every expert's product on its contiguous slice of
+# the sorted rows, in one call. torch.compile's shape rules for torch._grouped_mm (its meta function) accept only
 # bfloat16 (PyTorch 2.13), and the CPU runs in float32. So it is wrapped as an opaque custom op: the compiler sees
 # one node of known output shape and never looks inside, whatever the dtype. Its name starts with "nanotanuki.",
 # which common.py's selective activation checkpointing keeps as a product's output.
@@ -160,16 +340,12 @@ def _grouped_mm_backward(ctx, dy):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
-def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
-    """Dropless (unless `capacity` is set) dispatch: sort the N*k assignments by expert so that each expert's
-    tokens are one contiguous slice, run all experts at once with a grouped GEMM, and add the gated outputs back
-    by token. Every shape is fixed by N, k and E alone, never by the routing (torch.compile traces it whole):
-    capacity does not remove the dropped assignments, it zeroes their gates, which gives the same output and
-    the same gradients (a dropped row's product is multiplied by 0; its gate's gradient is 0)."""
-    if kernels.use_triton(x):  # on CUDA: kernels/moe.py, whose reference is the rest of this function
-        return kernels.moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity)
+def expert_grouped_mm(x, experts, gates, w_gate, w_up, w_down, capacity=None):
+    """expert_sorted on torch._grouped_mm. Every shape is fixed by N, k and E alone, never by the routing:
+    capacity does not remove the dropped assignments, it zeroes their gates, which gives the same output and the
+    same gradients (a dropped row's product is multiplied by 0; its gate's gradient is 0)."""
     N, k = experts.shape
-    E = w_gate.size(0)
+    E, f = w_gate.shape[:2]
     flat = experts.reshape(-1)                              # (N*k,) expert of each assignment
     order = torch.argsort(flat, stable=True)                # grouped by expert, token order kept inside a group
     counts = expert_counts(experts, E)                      # (E,) tokens per expert
@@ -180,12 +356,10 @@ def expert_sorted(x, experts, gates, w_gate, w_up, w_down, capacity=None):
         rank = torch.arange(N * k, device=x.device) - (ends - counts)[flat[order]]
         gate = torch.where(rank < capacity, gate, 0)
     token = order // k                                      # which token each sorted assignment belongs to
-    # ---- on CUDA kernels/moe.py does this part too (dispatched above), with its own grouped GEMM that skips the
-    # dropped rows
-    xs = x[token]                                           # (N*k, d) in expert order
     ends = ends.int()
-    h = F.silu(grouped_mm(xs, w_gate, ends)) * grouped_mm(xs, w_up, ends)
-    out = grouped_mm(h, w_down, ends) * gate[:, None].to(x.dtype)
+    # gate and up as one product: the two weights side by side along ffn (one copy of them per call)
+    gu = grouped_mm(x[token], torch.cat((w_gate, w_up), 1), ends)
+    out = grouped_mm(F.silu(gu[:, :f]) * gu[:, f:], w_down, ends) * gate[:, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, out)
 
 

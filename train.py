@@ -49,7 +49,7 @@ from common import (
 )
 from model import ModelConfig, Transformer
 from moe import moe_stats, update_expert_bias
-from tokenizer import load_tokenizer, tokenizer_hash
+from tokenizer import load_tokenizer, special_id, tokenizer_hash
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -84,6 +84,9 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 0.8
 z_loss = 0.0              # coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4); optional in their scripts
+document_mask = False     # attention only within a document (each <|bos|> starts one), positions from 0 in each, as
+                          # packed SFT. Llama 3 masks documents (arXiv:2407.21783, section 3.2: little effect in
+                          # pretraining, important for long sequences); off by default, as Tanuki's Megatron runs were
 # stability (docs/recipe.md "What failed"): a NaN/Inf loss or grad norm is never applied; a spike against the recent
 # window is skipped; repeated spikes roll back to the last checkpoint before them, past the offending data
 spike_window = 100        # steps of accepted losses / grad norms a new one is compared with
@@ -144,6 +147,7 @@ if global_seqs * seq_len != tokens_per_step or per_rank * world_size != global_s
 
 enc = load_tokenizer(data_dir)
 enc_hash = tokenizer_hash(enc)
+bos_id = special_id(enc, "<|bos|>")
 if mixture and curriculum:
     raise SystemExit("set either mixture or curriculum, not both (a mixture is a curriculum of one stage)")
 stages = [(int(start), dict(weights)) for start, weights in curriculum] or [(0, mixture)]
@@ -276,6 +280,12 @@ def train_state():
 
 
 @torch.no_grad()
+def documents(x):
+    """The document id of every token of the windows x (micro_batch_size, seq_len) when document_mask is on: a new
+    document at each <|bos|>; what precedes the first one in a window is the end of a document begun before it."""
+    return (x == bos_id).cumsum(dim=1) if document_mask else None
+
+
 def evaluate():
     """Mean validation loss per source over the same windows at every evaluation and on any number of ranks: the
     first eval_iters x micro_batch_size windows of each source's val split (all of them if it has fewer), dealt
@@ -295,7 +305,8 @@ def evaluate():
             targets = batch[:, 1:].clone()
             targets[torch.tensor([w >= n for w in windows], device=device)] = -1  # padding: ignored by the loss
             real = sum(w < n for w in windows)
-            total += model(batch[:, :-1], targets)[1] * real  # the mean over real rows' tokens, times their count
+            # the mean over real rows' tokens, times their count
+            total += model(batch[:, :-1], targets, doc_ids=documents(batch[:, :-1]))[1] * real
         dist.all_reduce(total)
         out[name] = total.item() / n
     model.train()
@@ -360,11 +371,11 @@ while step < max_iters:
         if z_loss:
             # pulls log Z of the softmax toward 0 so the logits cannot drift large (PaLM's auxiliary loss). It
             # needs the logits, which the fused loss kernel on CUDA never materializes: computed here instead
-            logits = model(x)[0].float()  # (micro_batch_size, seq_len, vocab)
+            logits = model(x, doc_ids=documents(x))[0].float()  # (micro_batch_size, seq_len, vocab)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             objective = loss + z_loss * logits.logsumexp(dim=-1).pow(2).mean()
         else:
-            objective = loss = model(x, y)[1]  # for an MoE: plus the routers' balance and z losses
+            objective = loss = model(x, y, doc_ids=documents(x))[1]  # an MoE's: plus the routers' losses
         (objective / grad_accum).backward()  # FSDP averages over ranks; we average over micro-batches
         loss_sum += loss.detach()
     # the global grad norm (FSDP reduces it over every shard); an infinite max_norm only measures it

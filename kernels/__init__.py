@@ -2,10 +2,11 @@
 Triton kernels, each beside the plain-PyTorch reference of the same function
 (docs/design.md "Running without a GPU"):
 
-    attention.py      flash attention, forward + backward, causal, grouped-query
+    attention.py      flash attention, forward + backward, causal, grouped-query, packed documents (doc_ids)
     rmsnorm.py        fused RMSNorm, forward + backward
     cross_entropy.py  chunked fused lm_head + cross-entropy (no (tokens, vocab) logits)
-    moe.py            MoE routing: fused router top-k, permutation into expert order, grouped GEMM, combine
+    moe.py            MoE routing: fused router top-k, permutation into expert order, combine; the expert FFN
+    moe_gemm.py       the MoE's grouped GEMMs (gate+up with SwiGLU, down, their backward, weight gradients)
     aot.py            compile all of them for H100 without a GPU; `python bench.py --aot` prints the report
     bench.py          each kernel's FLOPs and fewest bytes, and on a GPU its time against PyTorch (`python bench.py`)
 
@@ -49,45 +50,55 @@ def use_triton(tensor):
 # flash attention (attention.py)
 
 @torch.library.custom_op("nanotanuki::flash_attention", mutates_args=())
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                     doc_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     from kernels.attention import forward
-    return forward(q, k, v, causal)
+    return forward(q, k, v, causal, doc_ids)
 
 
 @_flash_attention.register_fake
-def _(q, k, v, causal):
+def _(q, k, v, causal, doc_ids):
     B, H, T, D = q.shape  # O is a (B, H, T, D) view of a (B, T, H, D) buffer, as attention.forward allocates it
     return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanotanuki::flash_attention_backward", mutates_args=())
-def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                              causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                              doc_ids: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     from kernels.attention import backward
-    return backward(do, q, k, v, o, lse, causal)
+    return backward(do, q, k, v, o, lse, causal, doc_ids)
 
 
 @_flash_attention_backward.register_fake
-def _(do, q, k, v, o, lse, causal):
+def _(do, q, k, v, o, lse, causal, doc_ids):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _flash_attention_setup(ctx, inputs, output):
-    q, k, v, causal = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, causal, doc_ids = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_ids)
     ctx.causal = causal
 
 
 def _flash_attention_grad(ctx, do, _):
-    return *_flash_attention_backward(do, *ctx.saved_tensors, ctx.causal), None
+    *saved, doc_ids = ctx.saved_tensors
+    return *_flash_attention_backward(do, *saved, ctx.causal, doc_ids), None, None
 
 
 _flash_attention.register_autograd(_flash_attention_grad, setup_context=_flash_attention_setup)
 
 
-def flash_attention(q, k, v, causal=True):
-    """q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim) -> (B, n_head, T, head_dim)."""
-    return _flash_attention(q, k, v, causal)[0]
+def flash_attention(q, k, v, causal=True, doc_ids=None):
+    """q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim) -> (B, n_head, T, head_dim). doc_ids: (B, T)
+    integer ids for sequences packed from several documents, each run of equal consecutive ids one document: a
+    query sees only keys of its own (document_attention below computes the same on the CPU)."""
+    return _flash_attention(q, k, v, causal, doc_ids)[0]
+
+
+def document_attention(q, k, v, doc_ids, causal=True):
+    """flash_attention's document masking in plain PyTorch (SDPA a chunk of queries at a time), for the CPU."""
+    from kernels.attention import document_attention
+    return document_attention(q, k, v, doc_ids, causal)
 
 
 # -----------------------------------------------------------------------------
@@ -155,8 +166,10 @@ def _linear_cross_entropy_setup(ctx, inputs, output):
 
 
 def _linear_cross_entropy_grad(ctx, grad_loss, *_):
-    dx, dw = ctx.saved_tensors
-    return dx * grad_loss.to(dx.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None
+    # the saved gradients scaled in place and handed over: no second weight-sized buffer per micro-batch (autograd
+    # adds this one into .grad, or adopts it as .grad on the first)
+    from kernels.cross_entropy import backward
+    return *backward(*ctx.saved_tensors, grad_loss), None, None, None, None
 
 
 _linear_cross_entropy.register_autograd(_linear_cross_entropy_grad, setup_context=_linear_cross_entropy_setup)
@@ -269,47 +282,46 @@ def moe_route(logits, top_k, mode, bias=None):
 
 @torch.library.custom_op("nanotanuki::moe_ffn", mutates_args=())
 def _moe_ffn(x: Tensor, experts: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-             capacity: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             capacity: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from kernels.moe import ffn_forward
     return ffn_forward(x, experts, gates, w_gate, w_up, w_down, capacity)
 
 
 @_moe_ffn.register_fake
 def _(x, experts, gates, w_gate, w_up, w_down, capacity):
-    # y, then what the backward needs: the gathered input xs and the products g, u and out in expert order
-    # (N*k rows whatever capacity drops), each assignment's row, each row's assignment, the experts' row offsets
+    # y, then what the backward needs: the gate and up products [g | u] in expert order (N*k rows whatever
+    # capacity drops), each assignment's row, each row's assignment, the experts' row offsets. x itself is read
+    # again by the backward (through the index), so no copy of it in expert order is kept
     (N, d), rows, f = x.shape, experts.numel(), w_gate.shape[1]
     index = experts.new_empty(rows, dtype=torch.int32)
-    return (x.new_empty(N, d), x.new_empty(rows, d), x.new_empty(rows, f), x.new_empty(rows, f),
-            x.new_empty(rows, d), index, torch.empty_like(index), index.new_empty(w_gate.shape[0] + 1))
+    return (x.new_empty(N, d), x.new_empty(rows, 2 * f), index, torch.empty_like(index),
+            index.new_empty(w_gate.shape[0] + 1))
 
 
 @torch.library.custom_op("nanotanuki::moe_ffn_backward", mutates_args=())
-def _moe_ffn_backward(dy: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, xs: Tensor,
-                      g: Tensor, u: Tensor, out: Tensor, position: Tensor, sorted_assign: Tensor, offsets: Tensor,
-                      capacity: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _moe_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+                      gu: Tensor, position: Tensor, sorted_assign: Tensor,
+                      offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from kernels.moe import ffn_backward
-    return ffn_backward(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets,
-                        capacity)
+    return ffn_backward(dy, x, gates, w_gate, w_up, w_down, gu, position, sorted_assign, offsets)
 
 
 @_moe_ffn_backward.register_fake
-def _(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets, capacity):
+def _(dy, x, gates, w_gate, w_up, w_down, gu, position, sorted_assign, offsets):
     return (torch.empty_like(dy), torch.empty_like(gates), torch.empty_like(w_gate), torch.empty_like(w_up),
             torch.empty_like(w_down))
 
 
 def _moe_ffn_setup(ctx, inputs, output):
-    _, _, gates, w_gate, w_up, w_down, capacity = inputs
-    ctx.save_for_backward(gates, w_gate, w_up, w_down, *output[1:])
-    ctx.capacity = capacity
+    x, _, gates, w_gate, w_up, w_down, _ = inputs
+    ctx.save_for_backward(x, gates, w_gate, w_up, w_down, *output[1:])
     # the extra outputs are for the backward only and never get a gradient: no zero tensors made for them
-    # (576 MiB per 4096 tokens at 8x8B)
+    # (448 MiB per 4096 tokens at 8x8B)
     ctx.set_materialize_grads(False)
 
 
 def _moe_ffn_grad(ctx, dy, *_):
-    dx, d_gates, dw_gate, dw_up, dw_down = _moe_ffn_backward(dy.contiguous(), *ctx.saved_tensors, ctx.capacity)
+    dx, d_gates, dw_gate, dw_up, dw_down = _moe_ffn_backward(dy.contiguous(), *ctx.saved_tensors)
     return dx, None, d_gates, dw_gate, dw_up, dw_down, None
 
 

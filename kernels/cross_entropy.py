@@ -13,10 +13,11 @@ them, plus their gradient of the same size: the largest activation of the whole 
     dx_c = dlogits_c W,   dW += dlogits_c^T x_c
 
 so only one chunk of logits ever exists, and it is overwritten by its own gradient. The gradients are computed in
-the forward (the loss is a scalar, so its backward only scales them by the incoming gradient); a call that needs no
-gradient skips them. w_i is the per-token weight: 0 for ignored targets (-1) and for tokens the loss mask drops,
-and the loss is sum_i w_i loss_i / max(sum_i w_i, 1), model.py's definition. The Triton kernel only reads and writes
-rows (the products are cuBLAS's), so it needs no tensor cores; it is memory-bound at 3 passes over each logit row.
+the forward (the loss is a scalar, so its backward only scales them by the incoming gradient, in place: `backward`);
+a call that needs no gradient skips them. w_i is the per-token weight: 0 for ignored targets (-1) and for tokens the
+loss mask drops, and the loss is sum_i w_i loss_i / max(sum_i w_i, 1), model.py's definition. The Triton kernel only
+reads and writes rows (the products are cuBLAS's), so it needs no tensor cores; it is memory-bound at 3 passes over
+each logit row.
 """
 
 import torch
@@ -81,8 +82,11 @@ def forward(x, weight, targets, weights, chunk, needs_grad):
     inv_total = 1.0 / weights.sum().clamp(min=1)
     losses = torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if needs_grad else x.new_empty(0)
-    # dW in the weight's dtype, the gradient autograd would have made: float32 would cost another 1 GiB at 8B
-    dw = torch.zeros_like(weight) if needs_grad else weight.new_empty(0)
+    # dW in the weight's dtype, the gradient autograd would have made: float32 would cost another 1 GiB at 8B. Not
+    # zeroed: the first chunk's product is written over it, which saves a pass over 512 MiB at 8B
+    dw = torch.empty_like(weight) if needs_grad else weight.new_empty(0)
+    if needs_grad and n_tokens == 0:
+        dw.zero_()
     block = min(BLOCK_V, triton.next_power_of_2(weight.shape[0]))
     for start in range(0, n_tokens, chunk):
         x_c = x[start : start + chunk]
@@ -93,8 +97,28 @@ def forward(x, weight, targets, weights, chunk, needs_grad):
         if needs_grad:  # `logits` now holds d loss / d logits
             torch.mm(logits, weight, out=dx[start : start + chunk])
             # the matmul accumulates in float32 and adds dW in float32 before rounding: one rounding per chunk
-            dw.addmm_(logits.T, x_c)
+            if start == 0:
+                torch.mm(logits.T, x_c, out=dw)
+            else:
+                dw.addmm_(logits.T, x_c)
     return (losses * weights).sum() * inv_total, dx, dw
+
+
+def backward(dx, dw, grad_loss):
+    """The loss's backward (nanotanuki::linear_cross_entropy's): the forward's dx and dW times the incoming gradient,
+    in place, so the backward makes no second weight-sized buffer (`dw * grad` made one every micro-batch). Autograd
+    then adds the returned dW into the weight's existing .grad in place (under gradient accumulation, every
+    micro-batch after the first), or adopts this buffer as the .grad when there is none, and torch.autograd.grad
+    returns it without touching .grad.
+
+    Accumulating into .grad already in the forward would skip the forward's buffer too, but the incoming gradient
+    (train.py's 1 / grad_accum, or any weight a caller puts on the loss) is known only here, and a backward that wrote
+    .grad itself would bypass autograd (torch.autograd.grad, hooks, FSDP's reduction of the gradient it returns).
+    Scaling the saved tensors in place bumps their version, so a second backward through the same graph
+    (retain_graph=True) fails with autograd's in-place error instead of returning twice-scaled gradients."""
+    dx.mul_(grad_loss.to(dx.dtype))
+    dw.mul_(grad_loss.to(dw.dtype))
+    return dx, dw
 
 
 # -----------------------------------------------------------------------------

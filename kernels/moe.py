@@ -1,13 +1,13 @@
 """
-The routing path of moe.py in Triton: the router's top-k, the permutation into expert order, a grouped matrix
-multiply over the variable-size expert groups, and the gated combine back into token order. Each kernel's
-plain-PyTorch reference is moe.py itself (`route`, `expert_sorted`); the tests compare the two.
+The MoE layer of moe.py in Triton: the router's top-k, the permutation into expert order, the expert FFN on the
+grouped GEMMs of kernels/moe_gemm.py, and the gated combine back into token order. Each kernel's plain-PyTorch
+reference is moe.py itself (`route`, `sort_by_expert`, `expert_loop`); tests/test_moe_kernels.py compares them.
 
     router    one program per block of tokens: softmax over the E logits, k rounds of argmax over the selection
               scores (probs + bias), then the k gates in the routing mode. Forward only: the gates' gradient with
               respect to the logits is a few PyTorch ops on the saved indices (route_backward).
     permute   the N*k (token, expert) assignments, sorted by expert with token order kept inside an expert (a
-              stable counting sort, the order torch.argsort(stable=True) gives in moe.expert_sorted):
+              stable counting sort, the order moe.sort_by_expert's stable argsort gives):
                 _count   each block of assignments counts its own per-expert histogram
                 _scan    one program adds the histograms up in block order: each block's starting rank inside
                          every expert, and the experts' offsets (exclusive prefix sum of the kept counts)
@@ -15,25 +15,23 @@ plain-PyTorch reference is moe.py itself (`route`, `expert_sorted`); the tests c
                          sum inside the block; rank >= capacity drops it; otherwise its sorted position is
                          offset[expert] + rank
               Every value has exactly one writer: no atomics, so the result never depends on scheduling.
-    gather    x rows into expert order (and, for the backward of the combine, dy rows scaled by the gate)
-    grouped   Y_e = X_e W_e^T for every expert e on its contiguous slice X_e of the sorted rows, in one launch.
-              The programs are (tile, column block) pairs, where a tile is BLOCK_M rows of one expert: a map
-              built from the offsets says which expert and rows each tile has, so an expert with 3 tokens costs
-              one tile, not the largest expert's count (no padding). dX_e = dY_e W_e is the same kernel with
-              W's strides swapped; dW_e = dY_e^T X_e is a second kernel, one program per (expert, output tile),
-              summing over its expert's rows in order.
+    FFN       forward: gate_up (x read through the sorted index, SwiGLU in the epilogue) -> down -> combine.
+              backward: down_backward (dy read through the index; the combine's and SwiGLU's backward in the
+              epilogue) -> the weight gradients and the gate/up products' d_input -> the gather's backward.
     combine   y[t] = sum_j gate[t, j] * out[position of (t, j)], one program per block of tokens, so each output
-              row has one writer; with all gates 1 it is also the gather's backward (dx from dxs).
+              row has one writer; without gates it is the gather's backward (dx from the rows' d_input).
 
 The whole forward syncs nothing to the host: the sorted buffers have N*k rows whatever capacity drops (the dropped
-ones sit at the end, zero), and the grid of the grouped GEMM is its upper bound of tiles, cdiv(N*k, BLOCK_M) + E,
-the spare programs returning at once. Every product accumulates in float32 and rounds to the input's dtype once.
+assignments' rows sit past offsets[E], where no tile reaches), and the grid of each grouped GEMM is its upper bound
+of tiles, cdiv(N*k, BLOCK_M) + E, the spare programs returning at once. Every product accumulates in float32 and
+rounds to the input's dtype once.
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels import moe_gemm as gemm
 
 MODES = {"topk_softmax": 0, "softmax_topk": 1, "softmax_topk_renorm": 2}  # moe.ROUTER_MODES, as kernel constants
 
@@ -194,51 +192,8 @@ def permute(experts, n_experts, capacity=None):
     return position, sorted_assign, offsets
 
 
-def permute_reference(experts, n_experts, capacity=None):
-    """The same three arrays from moe.expert_sorted's stable argsort."""
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    if capacity is not None:
-        order, counts = order[rank < capacity], counts.clamp(max=capacity)
-    position = torch.full_like(flat, -1)
-    position[order] = torch.arange(order.numel(), device=flat.device)
-    sorted_assign = torch.full_like(flat, -1)
-    sorted_assign[: order.numel()] = order
-    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
-    return position.int(), sorted_assign.int(), offsets.int()
-
-
 # -----------------------------------------------------------------------------
-# gather into expert order and combine back into token order
-
-@triton.jit
-def _gather(SRC, DST, SORTED, GATES, OUT, D_GATES, n_rows, d, top_k,
-            HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # DST[p] = SRC[token of the assignment at p] (times its gate with HAS_GATE), 0 past the kept rows. With
-    # HAS_GATE this is the combine's backward: SRC is dy, and D_GATES[a] = dy[token] . OUT[p] on the way
-    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    a = tl.load(SORTED + p, mask=p < n_rows, other=-1)
-    kept = a >= 0
-    token = tl.where(kept, a // top_k, 0).to(tl.int64)
-    if HAS_GATE:
-        gate = tl.load(GATES + a, mask=kept, other=0.0)
-        dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_D)
-    for d0 in range(0, d, BLOCK_D):
-        c = d0 + cols
-        rows = tl.load(SRC + token[:, None] * d + c[None, :], mask=kept[:, None] & (c[None, :] < d), other=0.0)
-        if HAS_GATE:
-            out = tl.load(OUT + p.to(tl.int64)[:, None] * d + c[None, :], mask=kept[:, None] & (c[None, :] < d),
-                          other=0.0)
-            dot += tl.sum(rows.to(tl.float32) * out.to(tl.float32), 1)
-            rows = (rows.to(tl.float32) * gate[:, None]).to(rows.dtype)
-        tl.store(DST + p.to(tl.int64)[:, None] * d + c[None, :], rows, mask=(p[:, None] < n_rows) & (c[None, :] < d))
-    if HAS_GATE:
-        tl.store(D_GATES + a, dot, mask=kept)
-
+# combine back into token order
 
 @triton.jit
 def _combine(SRC, DST, POSITION, GATES, n_tokens, d,
@@ -261,18 +216,9 @@ def _combine(SRC, DST, POSITION, GATES, n_tokens, d,
                  mask=(t[:, None] < n_tokens) & (c[None, :] < d))
 
 
-def _gather_launch(src, sorted_assign, top_k, gates=None, out=None):
-    n_rows, d = sorted_assign.numel(), src.shape[1]
-    dst = torch.empty(n_rows, d, device=src.device, dtype=src.dtype)
-    d_gates = None if gates is None else torch.zeros_like(gates)
-    block_m, block_d, warps = ROW_CONFIG if src.is_cuda else INTERPRETER_ROW_CONFIG
-    _gather[(triton.cdiv(n_rows, block_m),)](src, dst, sorted_assign, gates, out, d_gates, n_rows, d, top_k,
-                                             HAS_GATE=gates is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-                                             num_warps=warps)
-    return dst, d_gates
-
-
-def _combine_launch(src, position, top_k, gates=None):
+def combine(src, position, top_k, gates=None):
+    """src (N*k, d) in expert order -> (N, d): each token's k rows summed (times its gates (N, k) float32 if given),
+    dropped assignments left out. With gates it is the layer's output, without it the gather's backward."""
     n_tokens, d = position.numel() // top_k, src.shape[1]
     dst = torch.empty(n_tokens, d, device=src.device, dtype=src.dtype)
     block_t, block_d, warps = ROW_CONFIG if src.is_cuda else INTERPRETER_ROW_CONFIG
@@ -282,215 +228,47 @@ def _combine_launch(src, position, top_k, gates=None):
     return dst
 
 
-class Gather(torch.autograd.Function):
-    """x (N, d) -> its rows in expert order (N*k, d); the backward adds each token's k row gradients back."""
-
-    @staticmethod
-    def forward(ctx, x, position, sorted_assign, top_k):
-        ctx.save_for_backward(position)
-        ctx.top_k = top_k
-        return _gather_launch(x, sorted_assign, top_k)[0]
-
-    @staticmethod
-    def backward(ctx, d_xs):
-        (position,) = ctx.saved_tensors
-        return _combine_launch(d_xs.contiguous(), position, ctx.top_k), None, None, None
-
-
-class Combine(torch.autograd.Function):
-    """expert outputs in expert order (N*k, d), gates (N, k) -> y (N, d) = the gated sum per token."""
-
-    @staticmethod
-    def forward(ctx, out, gates, position, sorted_assign):
-        top_k = gates.shape[1]
-        gates = gates.contiguous()
-        ctx.save_for_backward(out, gates, sorted_assign)
-        return _combine_launch(out, position, top_k, gates)
-
-    @staticmethod
-    def backward(ctx, dy):
-        out, gates, sorted_assign = ctx.saved_tensors
-        d_out, d_gates = _gather_launch(dy.contiguous(), sorted_assign, gates.shape[1], gates, out)
-        return d_out, d_gates, None, None
-
-
-# -----------------------------------------------------------------------------
-# grouped GEMM
-
-@triton.jit
-def _grouped_mm(X, W, Y, TILE_EXPERT, TILE_ROW, OFFSETS, n_out, n_in,
-                stride_we, stride_wn, stride_wk,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # Y[rows of tile, n block] = X[rows, :] @ W[e]^T, W[e] read as (n_out, n_in) through its strides
-    tile = tl.program_id(0)
-    e = tl.load(TILE_EXPERT + tile)
-    if e < 0:  # one of the spare programs past the last real tile
-        return
-    rows = tl.load(TILE_ROW + tile) + tl.arange(0, BLOCK_M)
-    row_end = tl.load(OFFSETS + e + 1)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    rows64 = rows.to(tl.int64)
-    x_ptrs = X + rows64[:, None] * n_in + ks[None, :]
-    w_ptrs = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < row_end) & (k0 + ks[None, :] < n_in), other=0.0)
-        w = tl.load(w_ptrs, mask=(k0 + ks[:, None] < n_in) & (cols[None, :] < n_out), other=0.0)
-        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
-    tl.store(Y + rows64[:, None] * n_out + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=(rows[:, None] < row_end) & (cols[None, :] < n_out))
-
-
-@triton.jit
-def _grouped_mm_dw(DY, X, DW, OFFSETS, n_out, n_in,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # DW[e][n block, k block] = sum over expert e's rows of DY[row, n]^T X[row, k]; zero for an expert with no rows
-    e = tl.program_id(0)
-    cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    start = tl.load(OFFSETS + e)
-    end = tl.load(OFFSETS + e + 1)
-    offs_m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rows = (m0 + offs_m).to(tl.int64)
-        live = rows[:, None] < end
-        dy = tl.load(DY + rows[:, None] * n_out + cols_n[None, :], mask=live & (cols_n[None, :] < n_out), other=0.0)
-        x = tl.load(X + rows[:, None] * n_in + cols_k[None, :], mask=live & (cols_k[None, :] < n_in), other=0.0)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
-    tl.store(DW + e.to(tl.int64) * n_out * n_in + cols_n[:, None] * n_in + cols_k[None, :],
-             acc.to(DW.dtype.element_ty), mask=(cols_n[:, None] < n_out) & (cols_k[None, :] < n_in))
-
-
-def tile_map(offsets, n_rows, block_m):
-    """Which expert and first row each BLOCK_M-row tile of the grouped GEMM has: (expert (T,), row (T,)) int32
-    with T = cdiv(n_rows, block_m) + E, the most tiles E groups of n_rows rows can need; spare tiles get -1.
-    Built on the device from the offsets (searchsorted over the running tile count), so nothing waits for
-    the host."""
-    E = offsets.numel() - 1
-    counts = (offsets[1:] - offsets[:-1]).long()
-    tiles = (counts + block_m - 1) // block_m                          # (E,) tiles per expert
-    ends = torch.cumsum(tiles, 0)
-    t = torch.arange(triton.cdiv(n_rows, block_m) + E, device=offsets.device)
-    expert = torch.searchsorted(ends, t, right=True)                   # E for the spare tiles
-    e = expert.clamp(max=E - 1)
-    row = offsets[e].long() + (t - (ends - tiles)[e]) * block_m
-    return torch.where(expert < E, e, -1).int(), row.int()
-
-
-def _gemm_config(x):
-    if x.device.type == "cpu":
-        return INTERPRETER_GEMM_CONFIG
-    return FLOAT32_GEMM_CONFIG if x.dtype == torch.float32 else GEMM_CONFIGS
-
-
-def _precision(dtype):
-    # float32 multiplies in IEEE float32 (not tf32) so the float32 path is a tight check; 16-bit products are exact
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def grouped_mm_input(x, w, offsets, tiles, transposed, zero_tail):
-    """x (M, K) in expert order @ w[e]^T per group, w (E, N, K); with `transposed`, x @ w[e], w read as (E, K, N).
-    `zero_tail`: rows past offsets[E] (dropped by capacity) are written as zeros rather than left unset."""
-    block_m, block_n, block_k, warps, stages = _gemm_config(x)["fwd"]
-    _, a, b = w.shape
-    n_out, n_in = (b, a) if transposed else (a, b)
-    s_e, s_a, s_b = w.stride()
-    y = (torch.zeros if zero_tail else torch.empty)(x.shape[0], n_out, device=x.device, dtype=x.dtype)
-    tile_expert, tile_row = tiles
-    _grouped_mm[(tile_expert.numel(), triton.cdiv(n_out, block_n))](
-        x, w, y, tile_expert, tile_row, offsets, n_out, n_in, s_e, *((s_b, s_a) if transposed else (s_a, s_b)),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=warps,
-        num_stages=stages)
-    return y
-
-
-def grouped_mm_weight(dy, x, offsets, n_experts, dtype):
-    """dW (E, N, K) with dW[e] = dy[rows of e]^T x[rows of e]."""
-    block_m, block_n, block_k, warps, stages = _gemm_config(x)["dw"]
-    n_out, n_in = dy.shape[1], x.shape[1]
-    dw = torch.empty(n_experts, n_out, n_in, device=x.device, dtype=dtype)
-    _grouped_mm_dw[(n_experts, triton.cdiv(n_out, block_n), triton.cdiv(n_in, block_k))](
-        dy, x, dw, offsets, n_out, n_in, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
-    return dw
-
-
-class GroupedMM(torch.autograd.Function):
-    """y = x[rows of e] @ w[e]^T for every expert e; x (M, K) contiguous in expert order, w (E, N, K)."""
-
-    @staticmethod
-    def forward(ctx, x, w, offsets, tiles, zero_tail):
-        x = x.contiguous()
-        ctx.save_for_backward(x, w, offsets, *tiles)
-        ctx.zero_tail = zero_tail
-        return grouped_mm_input(x, w, offsets, tiles, False, zero_tail)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, offsets, *tiles = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = grouped_mm_input(dy, w, offsets, tiles, True, ctx.zero_tail)
-        return dx, grouped_mm_weight(dy, x, offsets, w.shape[0], w.dtype), None, None, None
-
-
-def grouped_mm(x, w, offsets, tiles=None, zero_tail=False):
-    if tiles is None:
-        tiles = tile_map(offsets, x.shape[0], _gemm_config(x)["fwd"][0])
-    return GroupedMM.apply(x, w, offsets, tiles, zero_tail)
-
-
-def grouped_mm_reference(x, w, offsets):
-    """The per-expert loop: the same product, one F.linear per expert (rows past offsets[E] are zero)."""
-    y = x.new_zeros(x.shape[0], w.shape[1])
-    bounds = offsets.tolist()
-    for e in range(w.shape[0]):
-        y[bounds[e]:bounds[e + 1]] = F.linear(x[bounds[e]:bounds[e + 1]], w[e])
-    return y
-
-
 # -----------------------------------------------------------------------------
 # the whole expert FFN
+#
+# The gather into expert order is fused into the loads of the products that read token rows (gate_up reads
+# x[token], down_backward dy[token], the weight gradients x[token] and gate * dy[token]): no (N*k, d) copy of x or
+# dy in expert order is written, and none is kept for the backward. The combine is not fused into the down
+# product's epilogue, nor its backward (summing dx) into the d_input product's: a token's k rows come from k
+# different experts, i.e. different programs, so a fused epilogue would scatter-add with atomics into a float32
+# buffer that must first be zeroed and then rounded to the output dtype: 4 + 8k + 6 bytes per token and column
+# against the separate kernel's 2k + 2k + 2 (bf16, read back from L2 or HBM), and with k > 2 float atomics add in
+# a different order on every run. The combine is one read of the products and one write of the tokens, ~1% of the
+# layer's time at 8x8B's shapes; it stays a kernel of its own, deterministic.
 
 def ffn_forward(x, experts, gates, w_gate, w_up, w_down, capacity=None):
     """moe.expert_sorted through the kernels: x (N, d) contiguous, experts (N, k), gates (N, k) float32, expert
-    weights (E, f, d) and (E, d, f) -> y (N, d), then what ffn_backward needs: xs, g, u, out in expert order and
-    the permutation (position, sorted_assign, offsets) (nanotanuki::moe_ffn). The SwiGLU between the products is
-    PyTorch (elementwise)."""
+    weights (E, f, d) and (E, d, f) -> y (N, d), then what ffn_backward needs: gu = [g | u] (N*k, 2f) in expert
+    order and the permutation (position, sorted_assign, offsets) (nanotanuki::moe_ffn)."""
     top_k = experts.shape[1]
     position, sorted_assign, offsets = permute(experts, w_gate.shape[0], capacity)
-    tiles = tile_map(offsets, sorted_assign.numel(), _gemm_config(x)["fwd"][0])
-    zero_tail = capacity is not None  # without capacity every sorted row belongs to an expert
-    xs = _gather_launch(x, sorted_assign, top_k)[0]                            # (N*k, d) in expert order
-    g = grouped_mm_input(xs, w_gate, offsets, tiles, False, zero_tail)        # (N*k, f)
-    u = grouped_mm_input(xs, w_up, offsets, tiles, False, zero_tail)          # (N*k, f)
-    out = grouped_mm_input(F.silu(g) * u, w_down, offsets, tiles, False, zero_tail)  # (N*k, d)
-    y = _combine_launch(out, position, top_k, gates.contiguous())
-    return y, xs, g, u, out, position, sorted_assign, offsets
+    tiles = gemm.tile_map(offsets, sorted_assign.numel(), gemm.rows_per_tile(x))
+    gu, h = gemm.gate_up(x, w_gate, w_up, sorted_assign, offsets, tiles, top_k)
+    out = gemm.grouped_mm_input(h, w_down, offsets, tiles, False)                # (N*k, d), rows in expert order
+    y = combine(out, position, top_k, gates.contiguous())
+    return y, gu, position, sorted_assign, offsets
 
 
-def ffn_backward(dy, gates, w_gate, w_up, w_down, xs, g, u, out, position, sorted_assign, offsets, capacity=None):
-    """-> dx, d_gates, dw_gate, dw_up, dw_down: the forward's chain rule step by step, each product's backward
-    the grouped GEMM on transposed weights (dx) and the per-expert dW kernel (nanotanuki::moe_ffn_backward)."""
-    E, top_k = w_gate.shape[0], gates.shape[1]
-    tiles = tile_map(offsets, sorted_assign.numel(), _gemm_config(xs)["fwd"][0])
-    zero_tail = capacity is not None
+def ffn_backward(dy, x, gates, w_gate, w_up, w_down, gu, position, sorted_assign, offsets):
+    """-> dx, d_gates, dw_gate, dw_up, dw_down (nanotanuki::moe_ffn_backward): the down product's backward with the
+    combine's and SwiGLU's in its epilogue, then the three weight gradients and the gate and up products' d_input
+    (one kernel for both), and the gather's backward (summing each token's rows)."""
+    top_k, ffn = gates.shape[1], w_gate.shape[1]
+    tiles = gemm.tile_map(offsets, sorted_assign.numel(), gemm.rows_per_tile(dy))
     gates = gates.contiguous()
-    d_out, d_gates = _gather_launch(dy, sorted_assign, top_k, gates, out)     # the combine's backward
-    h = F.silu(g) * u                                                         # recomputed: elementwise, cheap
-    d_h = grouped_mm_input(d_out, w_down, offsets, tiles, True, zero_tail)
-    dw_down = grouped_mm_weight(d_out, h, offsets, E, w_down.dtype)
-    d_g = torch.ops.aten.silu_backward(d_h * u, g)
-    d_u = d_h * F.silu(g)
-    d_xs = (grouped_mm_input(d_g, w_gate, offsets, tiles, True, zero_tail)
-            + grouped_mm_input(d_u, w_up, offsets, tiles, True, zero_tail))
-    dw_gate = grouped_mm_weight(d_g, xs, offsets, E, w_gate.dtype)
-    dw_up = grouped_mm_weight(d_u, xs, offsets, E, w_up.dtype)
-    dx = _combine_launch(d_xs, position, top_k)                               # the gather's backward
-    return dx, d_gates, dw_gate, dw_up, dw_down
+    d_gu, h, d_gate_sorted = gemm.down_backward(dy, w_down, gu, gates, sorted_assign, offsets, tiles, top_k)
+    d_gates = torch.where(position >= 0, d_gate_sorted[position.clamp(min=0)], 0).view_as(gates)
+    dw_down = gemm.grouped_mm_weight(dy, h, offsets, w_down.dtype, sorted_assign=sorted_assign, top_k=top_k,
+                                     a_gather=True, gates=gates)
+    d_xs = gemm.grouped_mm_input(d_gu, w_gate, offsets, tiles, True, w2=w_up)     # (N*k, d) in expert order
+    dw_gate, dw_up = gemm.grouped_mm_weight(d_gu, x, offsets, w_gate.dtype, split=ffn, sorted_assign=sorted_assign,
+                                            top_k=top_k, b_gather=True)
+    return combine(d_xs, position, top_k), d_gates, dw_gate, dw_up, dw_down
 
 
 def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
@@ -500,19 +278,12 @@ def moe_ffn(x, experts, gates, w_gate, w_up, w_down, capacity=None):
 
 
 # -----------------------------------------------------------------------------
-# launch configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the interpreter runs programs one at a
-# time on the CPU, where a few small ones keep the tests quick
+# launch configurations of the routing kernels (the GEMMs' are in kernels/moe_gemm.py)
 
-# forward and d_input: 128 x 128 output tiles over 64-wide K steps with 8 warps and a 3-deep pipeline, the shape of
-# Triton's Hopper matmul tutorial; d_weight sums 64 rows per step into a 128 x 128 float32 tile of dW
-GEMM_CONFIGS = {"fwd": (128, 128, 64, 8, 3), "dw": (64, 128, 128, 8, 3)}
-FLOAT32_GEMM_CONFIG = {"fwd": (32, 32, 32, 4, 2), "dw": (32, 32, 32, 4, 2)}  # a checking path: IEEE on FMA units
-INTERPRETER_GEMM_CONFIG = {"fwd": (16, 32, 32, 1, 1), "dw": (16, 32, 32, 1, 1)}
 # router: 1024 (token, expert) scores per program, 8 per thread of 4 warps: 128 tokens at E = 8, 16 at E = 64
 # (64 tokens at E = 64 spill, ptxas says). Permutation: 512 assignments per block (16 blocks for the
 # 8x8B's 4096 tokens x top-2, so the one-program scan is short); the rank kernel's (512, 16) cumulative sum spills
-# at 1024 x 8 warps (ptxas), not at 512 x 8. Gather/combine: 16 rows x 512 columns per step (8 warps x 8 bf16 x 8
-# rows)
+# at 1024 x 8 warps (ptxas), not at 512 x 8. Combine: 16 rows x 512 columns per step (8 warps x 8 bf16 x 8 rows)
 ROUTER_BLOCK, ROUTER_WARPS = 1024, 4
 PERMUTE_BLOCK, PERMUTE_WARPS = 512, 8
 ROW_CONFIG = (16, 512, 8)
@@ -524,9 +295,11 @@ def aot_specs():
     from kernels.aot import spec
     ptrs = {"LOGITS": "fp32", "BIAS": "fp32", "EXPERTS": "i64", "GATES": "fp32", "PROBS": "fp32",
             "PARTIAL": "i32", "BLOCK_START": "i32", "OFFSETS": "i32", "POSITION": "i32", "SORTED": "i32",
-            "SRC": "bf16", "DST": "bf16", "OUT": "bf16", "D_GATES": "fp32", "X": "bf16", "W": "bf16", "Y": "bf16",
-            "TILE_EXPERT": "i32", "TILE_ROW": "i32", "DY": "bf16", "DW": "bf16"}
-    small = ("n_experts", "capacity", "top_k", "n_blocks")
+            "SRC": "bf16", "DST": "bf16", "X": "bf16", "W_GATE": "bf16", "W_UP": "bf16", "W_DOWN": "bf16",
+            "GU": "bf16", "H": "bf16", "A": "bf16", "B": "bf16", "B2": "bf16", "Y": "bf16", "DY": "bf16",
+            "D_GU": "bf16", "D_GATE_PART": "fp32", "DW": "bf16", "DW2": "bf16", "TILE_EXPERT": "i32",
+            "TILE_ROW": "i32"}
+    small = ("n_experts", "capacity", "top_k", "n_blocks", "n_tiles")
     out = [
         spec("moe_router", f"E8 top2 topk_softmax {ROUTER_BLOCK // 8} tokens w{ROUTER_WARPS}", _router, ptrs,
              {"K": 2, "MODE": 0, "HAS_BIAS": False, "BLOCK_T": ROUTER_BLOCK // 8, "BLOCK_E": 8}, ROUTER_WARPS, 1,
@@ -540,28 +313,11 @@ def aot_specs():
         spec("moe_scan", "E8 w1", _scan, ptrs, {"BLOCK_E": 8}, 1, 1, matmul=False, small=small),
         spec("moe_rank", f"E8 {PERMUTE_BLOCK} assignments w{PERMUTE_WARPS}", _rank, ptrs,
              {"BLOCK": PERMUTE_BLOCK, "BLOCK_E": 8}, PERMUTE_WARPS, 1, matmul=False, small=small),
-        spec("moe_gather", f"d4096 {ROW_CONFIG[0]}x{ROW_CONFIG[1]} w{ROW_CONFIG[2]}", _gather, ptrs,
-             {"HAS_GATE": False, "BLOCK_M": ROW_CONFIG[0], "BLOCK_D": ROW_CONFIG[1]}, ROW_CONFIG[2], 1,
-             matmul=False, small=small),
-        spec("moe_gather_bwd", f"d4096 {ROW_CONFIG[0]}x{ROW_CONFIG[1]} w{ROW_CONFIG[2]}, gate grad", _gather, ptrs,
-             {"HAS_GATE": True, "BLOCK_M": ROW_CONFIG[0], "BLOCK_D": ROW_CONFIG[1]}, ROW_CONFIG[2], 1,
-             matmul=False, small=small),
-        spec("moe_combine", f"d4096 top2 {ROW_CONFIG[0]}x{ROW_CONFIG[1]} w{ROW_CONFIG[2]}", _combine, ptrs,
+        spec("moe_combine", f"d4096 top2 gated {ROW_CONFIG[0]}x{ROW_CONFIG[1]} w{ROW_CONFIG[2]}", _combine, ptrs,
              {"K": 2, "HAS_GATE": True, "BLOCK_T": ROW_CONFIG[0], "BLOCK_D": ROW_CONFIG[1]}, ROW_CONFIG[2], 1,
              matmul=False, small=small),
+        spec("moe_combine_dx", f"d4096 top2 {ROW_CONFIG[0]}x{ROW_CONFIG[1]} w{ROW_CONFIG[2]}", _combine, ptrs,
+             {"K": 2, "HAS_GATE": False, "BLOCK_T": ROW_CONFIG[0], "BLOCK_D": ROW_CONFIG[1]}, ROW_CONFIG[2], 1,
+             matmul=False, small=small),
     ]
-    block_m, block_n, block_k, warps, stages = GEMM_CONFIGS["fwd"]
-    label = f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
-    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": "tf32"}
-    # the forward (x W^T) reads W[e] (14336, 4096) along its rows, d_input (dy W) along its columns: one kernel,
-    # two load layouts, so both are compiled. The contiguous stride is 1, which Triton's launcher turns into a
-    # constant (it specializes integer arguments equal to 1), so it is one here too
-    out.append(spec("moe_grouped_mm", f"x W^T {label}", _grouped_mm, ptrs, {**blocks, "stride_wk": 1}, warps,
-                    stages, matmul=True, small=small))
-    out.append(spec("moe_grouped_mm_dx", f"dy W {label}", _grouped_mm, ptrs, {**blocks, "stride_wn": 1}, warps,
-                    stages, matmul=True, small=small))
-    block_m, block_n, block_k, warps, stages = GEMM_CONFIGS["dw"]
-    out.append(spec("moe_grouped_mm_dw", f"dy^T x {block_m} rows x {block_n}x{block_k} w{warps} s{stages}",
-                    _grouped_mm_dw, ptrs, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                           "PRECISION": "tf32"}, warps, stages, matmul=True, small=small))
-    return out
+    return out + gemm.aot_specs(ptrs, small)

@@ -20,7 +20,9 @@ import triton.language as tl
 
 @triton.jit
 def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    # int64 before any product with a stride: in int32, row * stride_x passes 2**31 (and wraps to a wrong address)
+    # from row 524,288 at d 4096, a batch of 128 sequences of 4096 tokens in one call
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -36,7 +38,7 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.const
 @triton.jit
 def _rmsnorm_bwd(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x, stride_dy, stride_dx, n_rows, n_cols,
                  ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 as in the forward: every row and dw offset below derives from it
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)

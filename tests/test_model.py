@@ -81,6 +81,30 @@ def test_batched_generation_with_mixed_prompt_lengths_equals_one_by_one():
     assert batched == alone
 
 
+def test_packed_documents_chunked_and_dense_mask_paths_agree(monkeypatch):
+    """Packed documents (doc_ids) on the CPU go through kernels.document_attention (SDPA a chunk of queries at a time,
+    no (T, T) mask); under torch.compile through the dense block-diagonal mask. Same logits and gradients, with
+    documents of 1 token, a chunk boundary inside a document, and an id that comes back later as a new document."""
+    import kernels.attention
+    monkeypatch.setattr(kernels.attention.document_attention, "__defaults__", (True, 16))  # chunks of 16 queries
+    model = tiny(n_layer=1).train()
+    idx = torch.randint(0, 97, (2, 40))
+    doc_ids = torch.tensor([[0] * 10 + [1] + [2] * 20 + [0] * 9, [5] * 17 + [6] * 23])
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        model.zero_grad()
+        logits = model(idx, doc_ids=doc_ids)[0]
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert (a - b).abs().max() < 1e-5
+    assert all((ga - gb).abs().max() < 1e-5 for ga, gb in zip(grads_a, grads_b))
+    # the last document of row 0 reuses id 0 yet sees nothing of the first: alone it gives the same logits
+    alone = model(idx[:1, 31:])[0]
+    assert (a[0, 31:] - alone[0]).abs().max() < 1e-5
+
+
 def test_compiled_decode_step_equals_eager_decoding():
     """The compiled step (fixed shapes: the whole cache buffer and a full mask) gives eager decoding's logits at every
     step, for left-padded rows of different prompt lengths, and generate(compile=True) the same tokens."""

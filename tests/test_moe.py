@@ -1,5 +1,6 @@
 """Claims about moe.py: the balance and z losses are what the papers define, the sorted dispatch equals the
-loop over experts (gradients, empty experts and capacity included), the routing modes do what they say, and a
+loop over experts on both CPU backends, the per-expert op and torch._grouped_mm (gradients, empty experts, capacity,
+every routing mode, float32 and float16 against float64 included), the routing modes do what they say, and a
 transformer block, dense or MoE, compiles as one graph (common.shard_model compiles each with fullgraph=True)."""
 
 import math
@@ -57,9 +58,14 @@ def test_losses_reach_the_router():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
 
+BACKENDS = pytest.mark.parametrize("backend", moe.GEMM_BACKENDS)  # NANOTANUKI_MOE_GEMM: ours, torch._grouped_mm
+
+
+@BACKENDS
 @pytest.mark.parametrize("f", [24, 26])  # 26: rows of 104 bytes, which torch._grouped_mm rejects: the plain loop
 @pytest.mark.parametrize("capacity", [None, 3])
-def test_sorted_dispatch_equals_loop_with_empty_experts(capacity, f):
+def test_sorted_dispatch_equals_loop_with_empty_experts(monkeypatch, backend, capacity, f):
+    monkeypatch.setenv("NANOTANUKI_MOE_GEMM", backend)
     torch.manual_seed(0)
     E, d, N = 6, 16, 11
     x = torch.randn(N, d, requires_grad=True)
@@ -81,6 +87,35 @@ def test_sorted_dispatch_equals_loop_with_empty_experts(capacity, f):
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-4)
     assert grads[1][2][3:5].abs().sum() == 0  # experts without tokens get no gradient
+
+
+@BACKENDS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+@pytest.mark.parametrize("mode", moe.ROUTER_MODES)
+def test_layer_equals_float64_loop_in_every_routing_mode(monkeypatch, mode, capacity_factor, dtype, backend):
+    """The whole layer on the CPU (the per-expert op by default, torch._grouped_mm with NANOTANUKI_MOE_GEMM) in
+    float32 and float16: its output and the gradients of the input and every parameter (the router's through the
+    gates, the balance and z losses) equal the same layer run in float64 with moe.expert_loop."""
+    monkeypatch.setenv("NANOTANUKI_MOE_GEMM", backend)
+    layer = make_layer(moe_router=mode, moe_capacity_factor=capacity_factor, d_model=32, ffn_hidden=48,
+                       n_experts=6)
+    x = torch.randn(3, 11, 32).to(dtype)  # rounded first: both runs route the same input
+    dy = torch.randn(3, 11, 32)
+    results = []
+    for dt, dispatch in ((dtype, expert_sorted), (torch.float64, expert_loop)):
+        layer.to(dt).zero_grad()
+        layer.dispatch = dispatch
+        x_in = x.to(dt).requires_grad_()
+        y = layer(x_in)
+        loss = (y.double() * dy.double()).sum() + layer.aux_loss + layer.z_loss
+        results.append([y, *torch.autograd.grad(loss, [x_in, *layer.parameters()]), layer.stats["dropped"]])
+    (*ours, dropped), (*ref, ref_dropped) = results
+    assert dropped == ref_dropped and (dropped > 0) == (capacity_factor > 0)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    for name, a, b in zip(["y", "x", *dict(layer.named_parameters())], ours, ref):
+        assert a.dtype == dtype, name
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() <= tolerance, name
 
 
 def test_capacity_drops_and_counts():
@@ -194,9 +229,18 @@ def test_moe_block_compiles_whole(mode, capacity_factor, bias_rate):
     """No graph break in any routing mode: counts of static length (no bincount), the grouped GEMM an opaque op of
     known shape, capacity zeroing gates instead of removing rows (no data-dependent shapes)."""
     eager = assert_compiles_whole(block_config(n_experts=8, moe_top_k=2, moe_router=mode,
-                                               moe_capacity_factor=capacity_factor, moe_bias_update_rate=bias_rate))
+                                               moe_capacity_factor=capacity_factor, moe_bias_update_rate=bias_rate),
+                                  expect_ops=["nanotanuki.moe_experts"])
     dropped = eager[5]
     assert (dropped > 0) == (capacity_factor > 0)  # 16 tokens x top-2 over 8 experts at capacity 4: some drop
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_moe_block_on_torch_grouped_mm_compiles_whole(monkeypatch, capacity_factor):
+    """The torch._grouped_mm backend too: its products are opaque ops, the rest fixed-shape PyTorch."""
+    monkeypatch.setenv("NANOTANUKI_MOE_GEMM", "grouped_mm")
+    assert_compiles_whole(block_config(n_experts=8, moe_top_k=2, moe_router="softmax_topk_renorm",
+                                       moe_capacity_factor=capacity_factor), expect_ops=["nanotanuki.grouped_mm"])
 
 
 def test_recomputation_in_the_backward_does_not_replace_the_forwards_losses():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,27 @@ def test_tiny_config_loss_falls(tmp_path, data_dir):
     assert set(val) == {"en", "ja"} and all(v < first for v in val.values())
     model, _, meta = load_checkpoint(tmp_path / "model")  # the consolidated export the next stages load
     assert meta["stage"] == "pretrain" and meta["step"] == 25 and model.cfg.d_model == 128
+
+
+def test_document_mask_evaluates_each_document_on_its_own(tmp_path, data_dir):
+    """--document_mask=True: attention stays within each document (a new one at every <|bos|>, positions from 0).
+    The val loss train.py logs is the one this test computes from the saved model with those document ids (to 1e-5),
+    and not the unmasked one (which differs by 5e-4 or more after 6 steps: the windows cross documents)."""
+    from common import open_shards, read_tokens
+    from tokenizer import load_tokenizer, special_id
+    train(tmp_path, data_dir, *SMALL, "--max_iters=6", "--document_mask=True")
+    logged = [r["val_loss"] for r in metrics(tmp_path)[1] if "val_loss" in r][-1]
+    model, enc, _ = load_checkpoint(tmp_path / "model")
+    bos = special_id(load_tokenizer(data_dir), "<|bos|>")
+    for name, value in logged.items():
+        shards, _ = open_shards(data_dir, name, "val", tokenizer_hash(enc), min_tokens=65)
+        n = min((sum(len(s) for s in shards) - 1) // 64, 2 * 4)  # eval_iters x micro_batch_size windows
+        batch = torch.from_numpy(np.stack([read_tokens(shards, w * 64, 65) for w in range(n)]).astype(np.int64))
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            masked = model(x, y, doc_ids=(x == bos).cumsum(dim=1))[1].item()
+            plain = model(x, y)[1].item()
+        assert abs(masked - value) < 1e-5 and abs(plain - value) > 1e-4, (name, value, masked, plain)
 
 
 def test_two_ranks_train_the_same_model_as_one(tmp_path, data_dir):
