@@ -112,7 +112,8 @@ def test_compiled_decode_step_equals_eager_decoding():
     model = tiny(n_layer=1)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
     idx = torch.tensor([[0, 0, 0, 0, 1, 2, 3], prompts[1]])
-    eager, static = (KVCache(model.cfg, 2, 32, "cpu", torch.float32) for _ in range(2))
+    # 64: the cache generate(compile=True) allocates below, so the step is compiled once for both
+    eager, static = (KVCache(model.cfg, 2, 64, "cpu", torch.float32) for _ in range(2))
     for cache in (eager, static):
         cache.key_valid[0, :4], cache.padded = False, True
     with torch.no_grad():
