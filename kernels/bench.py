@@ -32,8 +32,9 @@ def kernel_costs(shape):
     ce_flops = 6 * N * C * V  # logits, then their gradient times W (for dx) and times x (for dW)
     rows = N * k  # routed (token, expert) rows
     moe_flops = 3 * 2 * rows * C * F_
-    # weights once; x rows read for gate and up, g and u written, h read, the down product written
-    moe_bytes = 3 * E * F_ * C * e + 2 * rows * C * e + 3 * rows * F_ * e + rows * C * e
+    # weights once; x rows read once through the sorted index (gate and up are one kernel, the gather fused into its
+    # loads), g and u written, h read, the down product written
+    moe_bytes = 3 * E * F_ * C * e + rows * C * e + 3 * rows * F_ * e + rows * C * e
     return [
         ("attention fwd (causal)", attn_fwd, 2 * q_bytes + 2 * kv_bytes + N * H * 4),
         ("attention bwd (causal)", 2.5 * attn_fwd, 4 * q_bytes + 4 * kv_bytes + 2 * N * H * 4),
@@ -43,8 +44,9 @@ def kernel_costs(shape):
         # float32 logits in, probs out, k (id, gate) pairs out; about 5 operations per score (max, exp, sum,
         # divide, compare)
         ("moe router top-k", 5 * N * E, 2 * N * E * 4 + N * k * 12),
-        # the int64 expert ids read twice (count, rank), each row's position and assignment written as int32
-        ("moe permute + gather", 0, N * k * 24 + N * C * e + rows * C * e),
+        # the int64 expert ids read twice (count, rank), each row's position and assignment written as int32; no
+        # copy of x in expert order (gate+up reads its rows through the assignment)
+        ("moe permute", 0, N * k * 24),
         ("moe grouped GEMM fwd (3 products)", moe_flops, moe_bytes),
         ("moe grouped GEMM bwd (3 products)", 2 * moe_flops, 2 * moe_bytes + 3 * E * F_ * C * e),
         ("moe combine", 2 * rows * C, rows * C * e + N * C * e + N * k * 8),
@@ -123,7 +125,7 @@ def gpu_report(shape, dev, warmup_ms=100, rep_ms=500):
          loss_bwd(cross_entropy.reference), total("linear + cross-entropy fwd+bwd")),
         ("moe layer fwd+bwd (vs expert loop)", fwd_bwd(kernels.moe_ffn, moe_args, dy),
          fwd_bwd(moe.expert_loop, moe_args, dy),
-         total("moe permute + gather", "moe grouped GEMM fwd (3 products)", "moe grouped GEMM bwd (3 products)",
+         total("moe permute", "moe grouped GEMM fwd (3 products)", "moe grouped GEMM bwd (3 products)",
                "moe combine")),
     ]
     print(f"{torch.cuda.get_device_name(dev)}, {dtype}, batch {B} x {T} tokens, heads {H}/{H_kv} x {D}, "
