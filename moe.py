@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -361,6 +362,51 @@ def expert_grouped_mm(x, experts, gates, w_gate, w_up, w_down, capacity=None):
     gu = grouped_mm(x[token], torch.cat((w_gate, w_up), 1), ends)
     out = grouped_mm(F.silu(gu[:, :f]) * gu[:, f:], w_down, ends) * gate[:, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, out)
+
+
+# -----------------------------------------------------------------------------
+# expert parallelism (issue 18): the E experts split over the ranks of a process group, rank r holding experts
+# [r * E_local, (r + 1) * E_local). Each token's rows travel to the ranks that hold its experts and back:
+#
+#   sort the N*k assignments by expert -> all_to_all the per-expert counts (every rank learns how many rows each peer
+#   sends to each of its experts) -> all_to_all the rows -> the local experts through expert_sorted -> all_to_all
+#   the outputs back -> gate and add into token order
+#
+# Both row exchanges are autograd collectives: the backward is the same exchange with the splits swapped, so dx
+# comes home and each local expert's weight gradient sums the rows of every rank, as data parallelism would.
+
+def expert_parallel_ffn(x, experts, gates, w_gate, w_up, w_down, group, capacity=None):
+    """expert_sorted with the experts spread over `group`, the expert-parallel process group: x (N, d), experts
+    (N, k) global ids and gates (N, k) as for expert_sorted; w_gate/w_up (E_local, f, d) and w_down (E_local, d, f)
+    this rank's experts. Every rank of the group must call it, each with its own tokens (N may differ). Equal to
+    expert_loop over all E experts on this rank's tokens, with the weight gradients summed over the group."""
+    if capacity is not None:
+        # which rows an expert keeps would depend on the rows of every rank it serves: not defined yet
+        raise NotImplementedError("expert_parallel_ffn is dropless only: capacity must be None "
+                                  "(set moe_capacity_factor=0)")
+    ep = dist.get_world_size(group)
+    E_local, k = w_gate.size(0), experts.size(1)
+    E = E_local * ep
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)           # assignments by expert, so each peer's rows are one slice
+    token = order // k
+    counts = expert_counts(experts, E)                  # (E,) rows this rank sends to each expert
+    # counts[E_local * p:][:E_local] go to peer p; after the exchange, recv[E_local * p + j] is how many rows peer p
+    # sends to local expert j. The row splits must be host lists (all_to_all's sizes), one sync per call.
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)
+    send_splits = counts.view(ep, E_local).sum(1).tolist()
+    recv_splits = recv.view(ep, E_local).sum(1).tolist()
+    rows = funcol.wait_tensor(funcol.all_to_all_single_autograd(x[token], recv_splits, send_splits, group))
+    # rows arrive peer by peer, each peer's sorted by expert: the local expert of each row, from the counts.
+    # expert_sorted reorders them by expert and puts its outputs back in arrival order (k = 1, gate 1: the real
+    # gates are applied at home, where their gradient belongs)
+    local = torch.arange(E_local, device=x.device).repeat(ep).repeat_interleave(recv)
+    ones = rows.new_ones(rows.size(0), 1)
+    out = expert_sorted(rows, local[:, None], ones, w_gate, w_up, w_down)
+    out = funcol.wait_tensor(funcol.all_to_all_single_autograd(out, send_splits, recv_splits, group))
+    gate = gates.reshape(-1)[order]
+    return torch.zeros_like(x).index_add_(0, token, out * gate[:, None].to(x.dtype))
 
 
 class MoE(nn.Module):
