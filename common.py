@@ -16,8 +16,10 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from model import ModelConfig
+from moe import MoE
 
 # -----------------------------------------------------------------------------
 # configuration: defaults are plain names at the top of each stage, then configs/x.py, then --key=value
@@ -278,6 +280,51 @@ def read_tokens(shards, start, length):
 # docs/recipe.md "General guidance": sharded data parallel). Tanuki trained with Megatron; FSDP2 is the PyTorch-native
 # equivalent.
 
+def device_mesh(device_type, world_size, hsdp_replicas=0, expert_parallel=1):
+    """The ranks' mesh of a sharded run (train.py; bench.py's simulation), which shard_model reads:
+    ("shard",)                            FSDP over every rank
+    ("replicate", "shard")                HSDP: shard within a group of world / hsdp_replicas ranks (a node),
+                                          replicate across groups
+    (["replicate",] "shard_mod_ep", "ep") expert parallelism: each group of `expert_parallel` consecutive ranks (a
+                                          node's NVLink) splits the experts among them; "shard", the two flattened,
+                                          is the dense parameters' shard group; the experts are sharded over
+                                          "shard_mod_ep", the ranks that hold the same experts (torchtitan's
+                                          dp_shard_mod_ep)"""
+    replicas = hsdp_replicas if hsdp_replicas > 1 else 1
+    if world_size % replicas or (world_size // replicas) % expert_parallel:
+        raise SystemExit(f"{world_size} ranks cannot make {replicas} replicas of a shard group divisible into "
+                         f"expert-parallel groups of {expert_parallel} (hsdp_replicas={hsdp_replicas}, "
+                         f"expert_parallel={expert_parallel})")
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = world_size // replicas
+    if expert_parallel <= 1:
+        shape, names = (replicas, shard), ("replicate", "shard")
+        return init_device_mesh(device_type, shape[replicas == 1:], mesh_dim_names=names[replicas == 1:])
+    shape, names = (replicas, shard // expert_parallel, expert_parallel), ("replicate", "shard_mod_ep", "ep")
+    mesh = init_device_mesh(device_type, shape[replicas == 1:], mesh_dim_names=names[replicas == 1:])
+    mesh["shard_mod_ep", "ep"]._flatten("shard")  # registered on the root: mesh["shard"], mesh["replicate", "shard"]
+    return mesh
+
+
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for parameters sharded over any mix of meshes (with expert parallelism the
+    experts' DTensors and the rest live on different meshes, which DTensor's own norm cannot combine): the L2 norm
+    of every gradient, from each rank's local shards and one all-reduce, and the gradients scaled by
+    min(1, max_norm / norm). A shard replicated over a mesh dimension (HSDP) counts once. Returns the norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    copies = [math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
+              if isinstance(g, DTensor) else (dist.get_world_size() if dist.is_initialized() else 1) for g in grads]
+    squares = torch.stack([n.float().square() / c for n, c in zip(torch._foreach_norm(local), copies)]).sum()
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    norm = squares.sqrt()
+    torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 AC_MODES = ("none", "selective", "full")
 
 
@@ -320,6 +367,15 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint={activation_checkpoint!r}: use one of {AC_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    names = mesh.mesh_dim_names or ()
+    expert_parallel = mesh["ep"].size() if "ep" in names else 1
+    if expert_parallel > 1:  # device_mesh's layout: the dense parameters over "shard", the experts as below
+        if compile:
+            raise ValueError("compile=True with expert parallelism is not supported yet: the exchange's split sizes "
+                             "are read on the host in the middle of the block (moe.host_splits), a graph break")
+        ep_mesh = mesh["ep"]
+        mesh, expert_mesh = (mesh["replicate", "shard"], mesh["replicate", "shard_mod_ep"]) if "replicate" in names \
+            else (mesh["shard"], mesh["shard_mod_ep"])
 
     def placement(param):
         # FSDP shards dim 0 by default. The stacked experts (moe.py, (E, ffn, d) and (E, d, ffn)) have only E = 8
@@ -328,6 +384,8 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
         return Shard(1) if param.ndim == 3 else Shard(0)
 
     for i, block in enumerate(model.blocks):
+        if expert_parallel > 1 and isinstance(block.ffn, MoE):
+            shard_experts(block.ffn, ep_mesh, expert_mesh, mesh, mp, reshard_after_forward)
         if mode == "full":
             # recompute the block's activations in the backward instead of keeping them
             block = checkpoint_wrapper(block, preserve_rng_state=False)  # no dropout: no RNG to replay
@@ -352,6 +410,29 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
         fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def shard_experts(moe, ep_mesh, expert_mesh, dense_mesh, mp, reshard_after_forward):
+    """Expert parallelism for one MoE layer (torchtitan's arrangement): its stacked experts become DTensors split
+    by expert (dim 0) over `ep_mesh`, so each rank of an expert-parallel group holds E / ep of them and runs their
+    rows (moe.expert_parallel_ffn), and FSDP shards those along dim 1 over `expert_mesh`, the ranks that hold the
+    same experts: a rank all-gathers only its own experts, 1/ep of the layer's. The router stays with the dense
+    parameters (its own FSDP group: a parameter belongs to one group, and the experts' is on another mesh)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    ep = ep_mesh.size()
+    if moe.n_experts % ep:
+        raise SystemExit(f"expert_parallel={ep} must divide n_experts={moe.n_experts}")
+    for name in ("w_gate", "w_up", "w_down"):
+        setattr(moe, name, torch.nn.Parameter(distribute_tensor(getattr(moe, name).data, ep_mesh, [Shard(0)])))
+    moe.ep_group = ep_mesh.get_group()
+    fully_shard(moe.router, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(moe, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda param: Shard(1),
+                reshard_after_forward=reshard_after_forward)
+    # an expert's gradient arrives summed over its expert-parallel group (the exchange's backward brings every
+    # rank's rows), then FSDP sums it over expert_mesh: over every rank once. Divided by the world size, as the
+    # dense gradients are averaged, not by expert_mesh's size
+    moe.set_gradient_divide_factor(float(dense_mesh.size()))
 
 
 GRAD_SYNC_MODES = ("every", "last_all_reduce", "last")

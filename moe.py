@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 import kernels
 
@@ -71,12 +72,14 @@ def expert_counts(experts, n_experts):
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def balance_loss(probs, experts, n_experts):
+def balance_loss(probs, counts):
     """Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_i f_i * P_i with f_i the fraction of the N*k
-    assignments that went to expert i and P_i the mean router probability of expert i. 1.0 when uniform.
-    f is counted, not differentiable; the gradient reaches the router through P."""
-    f = expert_counts(experts, n_experts).float() / experts.numel()
-    return n_experts * (f * probs.mean(dim=0)).sum()
+    assignments that went to expert i (counts (E,): expert_counts) and P_i the mean router probability of expert i
+    (probs (N, E)). 1.0 when uniform. f is counted, not differentiable; the gradient reaches the router through P.
+    With expert parallelism the counts are the group's and P this rank's: the mean over ranks of this loss, which
+    data parallelism's gradient averaging takes, is the loss of the group's tokens as one batch."""
+    f = counts.float() / counts.sum()
+    return probs.size(1) * (f * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(logits):
@@ -365,48 +368,87 @@ def expert_grouped_mm(x, experts, gates, w_gate, w_up, w_down, capacity=None):
 
 
 # -----------------------------------------------------------------------------
-# expert parallelism (issue 18): the E experts split over the ranks of a process group, rank r holding experts
-# [r * E_local, (r + 1) * E_local). Each token's rows travel to the ranks that hold its experts and back:
+# expert parallelism: the E experts split over the ranks of a process group (common.shard_model builds it from
+# expert_parallel), rank r of the group holding experts [r * E_local, (r + 1) * E_local). Each token's rows travel
+# to the ranks that hold its experts and back:
 #
-#   sort the N*k assignments by expert -> all_to_all the per-expert counts (every rank learns how many rows each peer
-#   sends to each of its experts) -> all_to_all the rows -> the local experts through expert_sorted -> all_to_all
-#   the outputs back -> gate and add into token order
+#   every rank's per-expert counts gathered (each rank learns what every peer sends to each of its experts, and
+#   the group's load for the balance statistics) -> sort the N*k assignments by expert, drop those past capacity
+#   -> all_to_all the rows -> the local experts through expert_sorted -> all_to_all the outputs back -> gate and
+#   add into token order
 #
 # Both row exchanges are autograd collectives: the backward is the same exchange with the splits swapped, so dx
 # comes home and each local expert's weight gradient sums the rows of every rank, as data parallelism would.
 
-def expert_parallel_ffn(x, experts, gates, w_gate, w_up, w_down, group, capacity=None):
+def gather_counts(counts, group):
+    """(ep, E): expert_counts of every rank of `group`, row r from group rank r. One small all-gather per layer."""
+    out = counts.new_empty(dist.get_world_size(group) * counts.numel())  # flat: gloo wants the input's shape
+    dist.all_gather_single(out, counts, group=group)
+    return out.view(-1, counts.numel())
+
+
+def kept_counts(all_counts, capacity):
+    """(ep, E) how many of its assignments to each expert every rank sends. With a capacity, expert e keeps its first
+    `capacity` assignments over the group, rank 0's tokens first, then rank 1's, ...: the rows expert_loop keeps
+    when the group's tokens are one batch in rank order."""
+    if capacity is None:
+        return all_counts
+    before = torch.cumsum(all_counts, 0) - all_counts     # assignments to each expert from lower ranks
+    return (capacity - before).clamp(min=0).minimum(all_counts)
+
+
+def host_splits(keep, me, E_local):
+    """The exchange's sizes as host integers (all_to_all's splits are lists): rows this rank sends to each peer,
+    rows it receives from each, and (ep * E_local,) how many rows each peer sends to each local expert. The one host
+    sync of a layer's forward; bench.py's simulation, which has no real counts, replaces it with balanced ones."""
+    ep = keep.size(0)
+    send = keep[me].view(ep, E_local).sum(1).tolist()
+    per_expert = keep[:, me * E_local:(me + 1) * E_local].reshape(-1).tolist()
+    recv = [sum(per_expert[p * E_local:(p + 1) * E_local]) for p in range(ep)]
+    return send, recv, per_expert
+
+
+def expert_parallel_ffn(x, experts, gates, w_gate, w_up, w_down, group, capacity=None, all_counts=None):
     """expert_sorted with the experts spread over `group`, the expert-parallel process group: x (N, d), experts
     (N, k) global ids and gates (N, k) as for expert_sorted; w_gate/w_up (E_local, f, d) and w_down (E_local, d, f)
     this rank's experts. Every rank of the group must call it, each with its own tokens (N may differ). Equal to
-    expert_loop over all E experts on this rank's tokens, with the weight gradients summed over the group."""
-    if capacity is not None:
-        # which rows an expert keeps would depend on the rows of every rank it serves: not defined yet
-        raise NotImplementedError("expert_parallel_ffn is dropless only: capacity must be None "
-                                  "(set moe_capacity_factor=0)")
-    ep = dist.get_world_size(group)
+    expert_loop over all E experts on the group's tokens in rank order (capacity counted over the group, see
+    kept_counts), each rank getting its own tokens' outputs, with the weight gradients summed over the group.
+    all_counts: gather_counts of this layer's routing, when the caller has it already (MoE.forward)."""
+    ep, me = dist.get_world_size(group), dist.get_rank(group)
     E_local, k = w_gate.size(0), experts.size(1)
     E = E_local * ep
     flat = experts.reshape(-1)
+    if all_counts is None:
+        all_counts = gather_counts(expert_counts(experts, E), group)
+    keep = kept_counts(all_counts, capacity)
+    send_splits, recv_splits, per_expert = host_splits(keep, me, E_local)
     order = torch.argsort(flat, stable=True)           # assignments by expert, so each peer's rows are one slice
+    if capacity is not None:  # drop each expert's assignments past what it keeps of this rank's (token order)
+        rank_in_expert = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(all_counts[me], 0)
+                                                                        - all_counts[me])[flat[order]]
+        dropped = rank_in_expert >= keep[me][flat[order]]
+        # the kept first, still by expert and token: a sort rather than a mask, so every shape is known on the host
+        order = order[torch.argsort(dropped.int(), stable=True)[:sum(send_splits)]]
     token = order // k
-    counts = expert_counts(experts, E)                  # (E,) rows this rank sends to each expert
-    # counts[E_local * p:][:E_local] go to peer p; after the exchange, recv[E_local * p + j] is how many rows peer p
-    # sends to local expert j. The row splits must be host lists (all_to_all's sizes), one sync per call.
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts, group=group)
-    send_splits = counts.view(ep, E_local).sum(1).tolist()
-    recv_splits = recv.view(ep, E_local).sum(1).tolist()
     rows = funcol.wait_tensor(funcol.all_to_all_single_autograd(x[token], recv_splits, send_splits, group))
     # rows arrive peer by peer, each peer's sorted by expert: the local expert of each row, from the counts.
     # expert_sorted reorders them by expert and puts its outputs back in arrival order (k = 1, gate 1: the real
     # gates are applied at home, where their gradient belongs)
-    local = torch.arange(E_local, device=x.device).repeat(ep).repeat_interleave(recv)
-    ones = rows.new_ones(rows.size(0), 1)
-    out = expert_sorted(rows, local[:, None], ones, w_gate, w_up, w_down)
+    local = torch.arange(E_local, device=x.device).repeat(ep).repeat_interleave(
+        torch.tensor(per_expert, device=x.device), output_size=rows.size(0))
+    out = expert_sorted(rows, local[:, None], rows.new_ones(rows.size(0), 1), w_gate, w_up, w_down)
     out = funcol.wait_tensor(funcol.all_to_all_single_autograd(out, send_splits, recv_splits, group))
     gate = gates.reshape(-1)[order]
     return torch.zeros_like(x).index_add_(0, token, out * gate[:, None].to(x.dtype))
+
+
+class Router(nn.Linear):
+    """The router: a bias-free nn.Linear (d -> E) that computes in float32 whatever its weight's and input's dtype
+    (a bf16 model's routing decisions would otherwise flip on rounding). Its own class only for that forward."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float())
 
 
 class MoE(nn.Module):
@@ -415,7 +457,7 @@ class MoE(nn.Module):
         E, d, f = cfg.n_experts, cfg.d_model, cfg.ffn_hidden
         self.n_experts, self.top_k = E, cfg.moe_top_k
         self.mode, self.capacity_factor = cfg.moe_router, cfg.moe_capacity_factor
-        self.router = nn.Linear(d, E, bias=False)
+        self.router = Router(d, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, f, d))
         self.w_up = nn.Parameter(torch.empty(E, f, d))
         self.w_down = nn.Parameter(torch.empty(E, d, f))
@@ -425,19 +467,34 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)  # since the last bias update
         self.use_bias = cfg.moe_bias_update_rate > 0
         self.dispatch = expert_sorted
+        # expert parallelism: the process group over which the experts are split (common.shard_model sets it, and
+        # makes w_gate/w_up/w_down DTensors of this rank's experts); None: every rank holds all experts
+        self.ep_group = None
         self.aux_loss = self.z_loss = None
         self.stats = {}
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (N, d)
-        logits = F.linear(x.float(), self.router.weight.float())       # (N, E) the router runs in float32
+        logits = self.router(x)                                        # (N, E) in float32
         experts, gates, probs = route(logits, self.top_k, self.mode, self.expert_bias if self.use_bias else None)
+        local_counts = expert_counts(experts, self.n_experts)
+        # with expert parallelism, the group's tokens count as one batch: the capacity, the balance loss's load f
+        # and the logged statistics are over every rank of the group, as if one rank ran them all (tests compare
+        # a 2-rank run with one rank's). Without it, over this rank's tokens.
+        all_counts = None if self.ep_group is None else gather_counts(local_counts, self.ep_group)
+        counts = local_counts if all_counts is None else all_counts.sum(0)
         capacity = None
         if self.capacity_factor > 0:  # GShard/Switch: each expert takes at most cf * its fair share of N*k
-            capacity = math.ceil(self.capacity_factor * x.size(0) * self.top_k / self.n_experts)
-        y = self.dispatch(x, experts, gates, self.w_gate, self.w_up, self.w_down, capacity)
-        aux_loss, z_loss = balance_loss(probs, experts, self.n_experts), router_z_loss(logits)
+            n_tokens = x.size(0) if all_counts is None else all_counts.sum().item() // self.top_k
+            capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        if self.ep_group is None:
+            y = self.dispatch(x, experts, gates, self.w_gate, self.w_up, self.w_down, capacity)
+        else:  # under FSDP the gathered experts are DTensors over the expert-parallel mesh: this rank's share
+            y = expert_parallel_ffn(x, experts, gates, *(w.to_local() if isinstance(w, DTensor) else w
+                                                         for w in (self.w_gate, self.w_up, self.w_down)),
+                                    self.ep_group, capacity, all_counts)
+        aux_loss, z_loss = balance_loss(probs, counts), router_z_loss(logits)
         # activation checkpointing reruns this forward inside the backward; losses recorded by the rerun would keep
         # its whole graph (and everything it saved) alive until the next forward: ~1.4 GiB per layer at 8x8B and
         # micro-batch 6 (bench.py --simulate). Only the real forward records them. (Compiled, the check is skipped:
@@ -446,17 +503,17 @@ class MoE(nn.Module):
         if record:
             self.aux_loss, self.z_loss = aux_loss, z_loss
         with torch.no_grad():  # kept as tensors: turning them into numbers here would sync the GPU every layer
-            counts = expert_counts(experts, self.n_experts).float()
-            if self.training and record:  # counted once per forward, not again by the rerun
-                self.tokens_per_expert += counts
-            load = counts / experts.numel()
+            if self.training and record:  # counted once per forward, not again by the rerun; summed over all ranks
+                self.tokens_per_expert += local_counts  # by update_expert_bias
+            counts = counts.float()
+            load = counts / counts.sum()
             kept = counts.sum() if capacity is None else counts.clamp(max=capacity).sum()
             self.stats = {
                 "aux_loss": self.aux_loss.detach(), "z_loss": self.z_loss.detach(), "expert_load": load,
                 "load_max": load.max(), "load_min": load.min(),
                 # mean entropy of the router's distribution: log(E) = undecided, 0 = one expert per token
                 "router_entropy": -(probs * probs.clamp(min=1e-20).log()).sum(-1).mean(),
-                "dropped": experts.numel() - kept,
+                "dropped": counts.sum() - kept,
             }
         return y.reshape(shape)
 

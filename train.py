@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 
 from checkpoint import (init_sharded, latest_checkpoint, load_train_checkpoint, read_model_config, save_checkpoint,
                         save_train_checkpoint)
 from common import (
     cleanup_distributed,
+    clip_grad_norm,
+    device_mesh,
     load_config,
     lr_at,
     mfu,
@@ -120,6 +121,9 @@ grad_sync = "every"             # gradient communication under accumulation (com
                                 # "last" (unsharded gradients kept until the last micro-batch)
 hsdp_replicas = 0         # >1: hybrid sharding, replicate over this many groups (nodes), shard within each;
                           # -1: one replica per node (world size / torchrun's LOCAL_WORLD_SIZE)
+expert_parallel = 1       # >1 (an MoE): split the experts over groups of this many consecutive ranks (a node), tokens
+                          # sent to their experts' ranks and back (moe.expert_parallel_ffn); capacity and balance
+                          # statistics then count the group's tokens as one batch (common.device_mesh, shard_model)
 pg_timeout_minutes = 30   # Tanuki's slow checkpoint saves needed 30 instead of 10 ("What failed")
 # -----------------------------------------------------------------------------
 config = load_config(globals())
@@ -231,13 +235,9 @@ with torch.device("meta"):
     model = Transformer(model_cfg)
 if hsdp_replicas == -1:  # shard over a node's GPUs (NVLink), replicate across nodes (InfiniBand)
     hsdp_replicas = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-if hsdp_replicas > 1:
-    if world_size % hsdp_replicas:
-        raise SystemExit(f"hsdp_replicas={hsdp_replicas} must divide the {world_size} ranks (one replica per node)")
-    mesh = init_device_mesh(device_type, (hsdp_replicas, world_size // hsdp_replicas),
-                            mesh_dim_names=("replicate", "shard"))
-else:
-    mesh = init_device_mesh(device_type, (world_size,))
+if expert_parallel > 1 and not model_cfg.n_experts:
+    raise SystemExit(f"expert_parallel={expert_parallel} needs an MoE model (n_experts > 0)")
+mesh = device_mesh(device_type, world_size, hsdp_replicas, expert_parallel)
 shard_model(model, mesh, ptdtype, activation_checkpoint, compile, reshard_after_forward)
 model.to_empty(device=device)
 init_sharded(model, seed, init_from)
@@ -378,9 +378,8 @@ while step < max_iters:
             objective = loss = model(x, y, doc_ids=documents(x))[1]  # an MoE's: plus the routers' losses
         (objective / grad_accum).backward()  # FSDP averages over ranks; we average over micro-batches
         loss_sum += loss.detach()
-    # the global grad norm (FSDP reduces it over every shard); an infinite max_norm only measures it
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # the global grad norm over every shard of every mesh; an infinite max_norm only measures it
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     # one small all-reduce per step: the mean loss over ranks and whether any rank got SIGTERM. Every rank then
     # takes the same skip / spike / stop decisions from the same numbers.
     sync = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop_requested), device=device)])

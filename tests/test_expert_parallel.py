@@ -1,7 +1,8 @@
 """Claims about moe.expert_parallel_ffn (issue 18): with the experts split over 2 gloo ranks, each rank's output and
-the gradients of its tokens, gates and local experts equal moe.expert_loop with all experts on the same tokens
-(weight gradients summed over the ranks), with uneven token counts, a rank that sends its peer nothing and a rank
-that receives no rows; and a capacity is refused. The comparisons run in tests/ep_worker.py, one per rank."""
+the gradients of its tokens, gates and local experts equal moe.expert_loop with all experts on both ranks' tokens as
+one batch, with uneven token counts, a rank that sends its peer nothing, a rank that receives no rows, and a
+capacity counted over the group (rows dropped on both ranks; every token on one expert). The comparisons run in
+tests/ep_worker.py, one per rank."""
 
 import os
 import subprocess
