@@ -339,7 +339,10 @@ def _save_matmuls(ctx, op, *args, **kwargs):
                  aten._scaled_dot_product_efficient_attention.default,
                  aten._scaled_dot_product_flash_attention.default,
                  aten._scaled_dot_product_flash_attention_for_cpu.default}
-    if op in expensive or str(op).startswith("nanotanuki."):  # the kernels' custom ops count as products
+    # the kernels' custom ops count as products; expert parallelism's row exchange is kept too, so that the
+    # recompute does not send every token's rows over the network again (torchtitan keeps it as well)
+    exchange = torch.ops._c10d_functional.all_to_all_single.default
+    if op in expensive or op is exchange or str(op).startswith("nanotanuki."):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -1,7 +1,7 @@
 """One rank of tests/test_expert_parallel.py, under torchrun with gloo: moe.expert_parallel_ffn on this rank's tokens
-and local experts against moe.expert_loop on the same tokens with all experts, forward and gradients, for each
-routing case, with and without a capacity, and both CPU expert backends (moe.gemm_backend). Exits non-zero (the assertion's message on stderr)
-at the first difference.
+and local experts against moe.expert_loop with all experts on every rank's tokens as one batch, forward and
+gradients, for each routing case, with and without a capacity, and both CPU expert backends (moe.gemm_backend).
+Exits non-zero (the assertion's message on stderr) at the first difference.
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ep_worker.py"""
 
 import os
