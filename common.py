@@ -281,7 +281,7 @@ def read_tokens(shards, start, length):
 # equivalent.
 
 def device_mesh(device_type, world_size, hsdp_replicas=0, expert_parallel=1):
-    """The ranks' mesh of a sharded run (train.py; bench.py's simulation), which shard_model reads:
+    """The ranks' mesh of a sharded run (train.py; simulate.py), which shard_model reads:
     ("shard",)                            FSDP over every rank
     ("replicate", "shard")                HSDP: shard within a group of world / hsdp_replicas ranks (a node),
                                           replicate across groups
@@ -373,9 +373,6 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
     names = mesh.mesh_dim_names or ()
     expert_parallel = mesh["ep"].size() if "ep" in names else 1
     if expert_parallel > 1:  # device_mesh's layout: the dense parameters over "shard", the experts as below
-        if compile:
-            raise ValueError("compile=True with expert parallelism is not supported yet: the exchange's split sizes "
-                             "are read on the host in the middle of the block (moe.host_splits), a graph break")
         ep_mesh = mesh["ep"]
         mesh, expert_mesh = (mesh["replicate", "shard"], mesh["replicate", "shard_mod_ep"]) if "replicate" in names \
             else (mesh["shard"], mesh["shard_mod_ep"])
@@ -400,9 +397,11 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
             # break would silently split the block and lose the fusion (tests/test_moe.py checks there is none).
             # An MoE block records its balance losses and routing counts on the module in its forward; under
             # recomputation dynamo refuses such side effects unless told not to replay them in the backward,
-            # which is what they need: recorded once per forward, not again by the recompute
+            # which is what they need: recorded once per forward, not again by the recompute.
+            # With expert parallelism the block is compiled in pieces: the exchange's sizes are read on the host
+            # mid-block (moe.host_splits): a graph break by nature
             torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-            block.compile(fullgraph=True)
+            block.compile(fullgraph=expert_parallel <= 1)
         fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement,
                     reshard_after_forward=reshard_after_forward)
         model.blocks[i] = block

@@ -400,12 +400,12 @@ def kept_counts(all_counts, capacity):
 def host_splits(keep, me, E_local):
     """The exchange's sizes as host integers (all_to_all's splits are lists): rows this rank sends to each peer,
     rows it receives from each, and (ep * E_local,) how many rows each peer sends to each local expert. The one host
-    sync of a layer's forward; bench.py's simulation, which has no real counts, replaces it with balanced ones."""
-    ep = keep.size(0)
-    send = keep[me].view(ep, E_local).sum(1).tolist()
-    per_expert = keep[:, me * E_local:(me + 1) * E_local].reshape(-1).tolist()
-    recv = [sum(per_expert[p * E_local:(p + 1) * E_local]) for p in range(ep)]
-    return send, recv, per_expert
+    sync of a layer's forward; simulate.py, which has no real counts, replaces it with balanced ones."""
+    keep = keep.tolist()  # one copy to the host, the rest in Python on (ep, E) numbers
+    ep, mine = len(keep), slice(me * E_local, (me + 1) * E_local)
+    send = [sum(keep[me][p * E_local:(p + 1) * E_local]) for p in range(ep)]
+    per_expert = [n for row in keep for n in row[mine]]
+    return send, [sum(row[mine]) for row in keep], per_expert
 
 
 def expert_parallel_ffn(x, experts, gates, w_gate, w_up, w_down, group, capacity=None, all_counts=None):
@@ -497,7 +497,7 @@ class MoE(nn.Module):
         aux_loss, z_loss = balance_loss(probs, counts), router_z_loss(logits)
         # activation checkpointing reruns this forward inside the backward; losses recorded by the rerun would keep
         # its whole graph (and everything it saved) alive until the next forward: ~1.4 GiB per layer at 8x8B and
-        # micro-batch 6 (bench.py --simulate). Only the real forward records them. (Compiled, the check is skipped:
+        # micro-batch 6 (simulate.py). Only the real forward records them. (Compiled, the check is skipped:
         # the rerun is inside the compiled backward and records nothing.)
         record = torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
         if record:

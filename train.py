@@ -7,7 +7,7 @@ Stage 2: pretraining (docs/recipe.md "Pretraining"), from a 2-layer model on a l
         train.py configs/8b.py                                              # 16 nodes (README: SLURM)
     torchrun ... train.py configs/8b.py --resume=auto                       # continue from the newest checkpoint
     python train.py configs/tiny.py --lr_range_test --learning_rate=1.0     # raise the LR until the loss spikes
-    python bench.py configs/8b.py --simulate --gpus=128                     # its memory and traffic per GPU, first
+    python simulate.py configs/8b.py --gpus=128                     # its memory and traffic per GPU, first
 
 Every rank holds a shard of the weights (FSDP2, common.shard_model); a plain `python train.py` is a world of one
 that runs the same code. The data is a deterministic function of (seed, loader position), so a checkpoint of

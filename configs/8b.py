@@ -27,7 +27,7 @@ grad_clip = 0.8          # their Megatron script
 seq_len = 4096
 tokens_per_step = 1024 * 4096
 # sequences per GPU per forward; the rest comes from gradient accumulation. The three settings below are what
-# `python bench.py configs/8b.py --simulate --gpus=128` (train.py's step traced at 16 nodes x 8 H100) picked; the
+# `python simulate.py configs/8b.py --gpus=128` (train.py's step traced at 16 nodes x 8 H100) picked; the
 # layout of the config as first written (micro-batch 1, plain FSDP over all 128, full recomputation) peaked at
 # 4.7 GiB but moved 473 GB over InfiniBand per GPU per step: 9.5 s of communication for 2.1 s of compute, an MFU
 # ceiling of 17.5% even with perfect overlap

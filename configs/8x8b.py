@@ -19,16 +19,24 @@ weight_decay = 0.1
 tokens_per_step = 3072 * 4096
 # ~0.6T tokens after upcycling at ~1T (1.6-1.7T cumulative): 0.6T / 12.6M tokens per step
 max_iters = 48_000
-# Parallelism, as `python bench.py configs/8b.py configs/8x8b.py --simulate --gpus=128` traced it: 47B parameters
-# of float32 weights, gradients and AdamW state are 752 GB, so sharding within a node (94 GB per GPU) cannot fit; the
-# 8x8B shards over all 128 GPUs, and its gathers and reduce-scatters cross InfiniBand. Fewer, larger micro-batches
-# are the lever (each one all-gathers and reduce-scatters the whole model): micro-batch 1 (as first written) moved
-# 8.9 TB per GPU per step, a 4.7% MFU ceiling; 6: 29.7 GiB, 1.49 TB, 27.9% with overlap / 20.4% without; 12: 40.5
-# GiB, 32.1% without; 24 (the whole step in one micro-batch): 60.8 GiB, 0.37 TB, 75.4% / 45.0%. Tanuki's Megatron
-# run (pipeline parallel) logged ~25%.
+# Parallelism, as `python simulate.py configs/8b.py configs/8x8b.py --gpus=128 --simulate_ep=1,2,4,8
+# --simulate_micro=12,24` traced it (per GPU per step; routing assumed balanced; ceilings at 989 TFLOP/s, 450 GB/s
+# NVLink, 50 GB/s InfiniBand): 47B parameters of float32 weights, gradients and AdamW state are 752 GB, so sharding
+# within a node (94 GB per GPU) cannot fit; the 8x8B shards over all 128 GPUs. As plain FSDP every micro-batch
+# all-gathers and reduce-scatters the whole model over InfiniBand: micro-batch 1 (as first written) moved 8.9 TB per
+# GPU per step, a 4.7% MFU ceiling; 24 (the whole step in one micro-batch) 0.37 TB, 58.5 GiB, 75.4% with overlap /
+# 45.0% without. Expert parallelism over a node's 8 GPUs gives each GPU one expert per layer, FSDP-sharded over the
+# 16 GPUs that hold the same one: the experts' all-gather falls from 180 to 22.5 GB, InfiniBand from 373 to 57 GB,
+# and the all-to-alls (309 GB) stay on NVLink:
+#   EP           1      2      4      8     (micro-batch 24)
+#   peak GiB     58.5   54.2   53.5   53.2
+#   comm s       7.45   4.19   2.55   1.74  (compute 11.05 s)
+#   MFU serial   45.0%  54.7%  61.2%  65.1% (overlapped: 75.4%, compute bound, at every EP)
+# At micro-batch 12, EP 8 peaks at 30.7 GiB for 59.8%: the fallback if 24 runs out of memory (the trace counts
+# tensors only, not the CUDA context, NCCL or the allocator's fragmentation). Tanuki's Megatron run logged ~25%.
 hsdp_replicas = 0
 grad_sync = "every"
+expert_parallel = 8      # one node's GPUs split the 8 experts; tokens cross NVLink only
 micro_batch_size = 24    # all 24 sequences per GPU per step in one forward: one gather and one reduce-scatter of
-                         # the model per step. The trace counts tensors only (not the CUDA context, NCCL or the
-                         # allocator's fragmentation): if it runs out of memory, 12
+                         # the model per step
 activation_checkpoint = "full"  # selective keeps every output of the expert custom op: no smaller than "none"

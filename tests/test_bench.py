@@ -45,7 +45,7 @@ def test_the_planner_counts_what_model_py_counts_and_prints_tanukis_figures():
         # Tanuki's own throughput at our FLOPs per token: about the quarter of the peak their log shows
         implied = float(re.search(r"FLOPs per token is MFU ([\d.]+)%", out)[1])
         assert 20 < implied < 30
-        assert "--simulate" in out  # memory per GPU: the traced simulation (tests/test_simulate.py)
+        assert "simulate.py" in out  # memory per GPU: the traced simulation (tests/test_simulate.py)
 
 
 def test_measurement_on_cpu_reports_positive_throughput():

@@ -1,5 +1,6 @@
-"""bench.py --simulate: train.py's step traced at the real world size on fake ranks and fake tensors. The sharding is
-even over 128 ranks for the 8B and the 8x8B, the peak fits an H100, and the collective bytes equal a hand count."""
+"""simulate.py: train.py's step traced at the real world size on fake ranks and fake tensors. The sharding is
+even over 128 ranks for the 8B and the 8x8B, the peak fits an H100, and the collective bytes equal a hand count;
+with expert parallelism each rank gathers only its experts, and the all-to-alls stay inside a node."""
 
 import json
 import os
@@ -18,13 +19,27 @@ BLOCK = 2 * 64 + 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128
 N = 2 * EMBED + 64 + 2 * BLOCK
 
 
-def simulate(*args):
+# an MoE at 128 ranks with every dimension a multiple of 128 (head_dim 64, 2 K/V heads: 128 rows), so that only the
+# routers (8 rows) shard unevenly; 8 experts of 512, top-2, 2 micro-batches of 1 x 32 tokens per rank
+MOE = ["--vocab_size=512", "--d_model=256", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=512",
+       "--max_seq_len=32", "--seq_len=32", "--gpus=128", "--n_experts=8", "--moe_top_k=2",
+       f"--tokens_per_step={32 * 128 * 2}"]
+EXPERTS = 3 * 8 * 512 * 256  # one layer's stacked experts
+
+
+def simulate_all(*args):
+    """Every SIMULATE result of a simulate.py run (one, or a sweep's: one per setting, then the last rank's)."""
     env = {k: v for k, v in os.environ.items() if k not in ("NANOTANUKI_KERNELS", "TRITON_INTERPRET")}
-    result = subprocess.run([sys.executable, "bench.py", "--simulate", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "simulate.py", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    line = next(line for line in result.stdout.splitlines() if line.startswith("SIMULATE "))
-    return json.loads(line[len("SIMULATE "):]), result.stdout
+    runs = [json.loads(line[len("SIMULATE "):]) for line in result.stdout.splitlines() if line.startswith("SIMULATE ")]
+    return runs, result.stdout
+
+
+def simulate(*args):
+    runs, out = simulate_all(*args)
+    return runs[0], out
 
 
 def table(r):  # the collectives without the seconds, which are floating-point sums in trace order
@@ -77,9 +92,9 @@ def test_grad_sync_and_reshard_after_forward_change_the_collectives_as_documente
     r, _ = simulate(*base, "--reshard_after_forward=False")
     assert collectives(r, "all-gather") == (4 * 4, 4 * 2 * N)
     # HSDP, 2 replicas of 4: reduce-scatter inside the 4, then the float32 shard all-reduced across the 2
-    r, _ = simulate(*base, "--hsdp_replicas=2")
+    r, _ = simulate(*base, "--hsdp_replicas=2")  # (and the gradient norm's all-reduce of one float32 over all 8)
     assert {(row["kind"], row["group"]) for row in r["collectives"]} == {
-        ("all-gather", 4), ("reduce-scatter", 4), ("all-reduce", 2)}
+        ("all-gather", 4), ("reduce-scatter", 4), ("all-reduce", 2), ("all-reduce", 8)}
     assert [row["bytes"] for row in r["collectives"] if row["kind"] == "all-reduce" and row["group"] == 2] == \
         [4 * 4 * N // 4]
     r, _ = simulate(*base, "--hsdp_replicas=2", "--grad_sync=last_all_reduce")  # across replicas on the last only
@@ -87,9 +102,49 @@ def test_grad_sync_and_reshard_after_forward_change_the_collectives_as_documente
 
 
 def test_bad_input_is_a_clear_message():
-    result = subprocess.run([sys.executable, "bench.py", "--simulate", *TINY, "--hsdp_replicas=3"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "simulate.py", *TINY, "--hsdp_replicas=3"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1 and "hsdp_replicas=3 must divide gpus=8" in result.stderr
+    result = subprocess.run([sys.executable, "simulate.py", *TINY, "--expert_parallel=2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and "expert_parallel=2 needs an MoE model" in result.stderr
+
+
+def gathered(r, group, kind="all-gather"):
+    return sum(row["bytes"] for row in r["collectives"] if row["kind"] == kind and row["group"] == group)
+
+
+def test_expert_parallel_gathers_an_eighth_of_the_experts_and_exchanges_rows_inside_a_node():
+    # one process traces EP=1 and EP=8 (each in a fresh fake world), then the best setting again as rank 127
+    (one, eight, last), out = simulate_all(*MOE, "--simulate_ep=1,8")
+    assert (one["expert_parallel"], eight["expert_parallel"], last["traced_rank"]) == (1, 8, 127)
+    # EP=8: the experts are gathered and reduce-scattered over the 16 ranks that hold the same expert (across
+    # nodes), the rest over all 128. EP=1 gathers the same dense parameters inside the blocks' gathers: what is
+    # left is the experts', all of them (2 layers x forward and backward x 2 micro-batches, bf16)
+    experts_one = gathered(one, 128) - gathered(eight, 128)
+    for r, expected in ((one, experts_one), (eight, gathered(eight, 16))):  # bench's own count of the experts' part
+        assert sum(row["expert_bytes"] for row in r["collectives"] if row["kind"] == "all-gather") == expected
+    assert experts_one == 2 * 2 * 2 * EXPERTS * 2
+    assert 0 < gathered(eight, 16) <= experts_one / 8
+    assert {row["link"] for row in eight["collectives"] if row["group"] == 16} == {"InfiniBand"}
+    # all-to-alls only with expert parallelism, inside a node (groups of 8 consecutive ranks): per layer and
+    # micro-batch two in the forward, two in its recomputation, two in the backward, each of the N*k bf16 rows
+    # (balanced routing, simulate.balanced_splits); and per forward one gather of the 8 ranks' 8 int64 counts
+    assert not [row for row in one["collectives"] if row["kind"] in ("all-to-all", "counts gather")]
+    a2a = [row for row in eight["collectives"] if row["kind"] == "all-to-all"]
+    assert [(row["group"], row["link"], row["count"], row["bytes"]) for row in a2a] == \
+        [(8, "NVLink", 2 * 2 * 6, 2 * 2 * 6 * 32 * 2 * 256 * 2)]
+    assert gathered(eight, 8, "counts gather") == 2 * 2 * 2 * 8 * 8 * 8
+    # every rank's share within 5% of the others (placements), and the same peak on rank 0 and rank 127 (traced)
+    for r in (one, eight):
+        assert r["shard_elements"]["max"] <= 1.05 * r["shard_elements"]["min"]
+    assert abs(last["memory"]["peak"] / eight["memory"]["peak"] - 1) < 0.05
+    assert eight["memory"]["peak"] < one["memory"]["peak"]  # a rank gathers one expert of 8, not all
+    assert "best that fits 80 GiB: expert_parallel=8" in out and "every rank within 5%" in out
+    assert "ASSUMED BALANCED" in out
+    # nothing of the first world leaks into the second: EP=8 alone traces the same
+    alone, _ = simulate(*MOE, "--expert_parallel=8")
+    assert table(alone) == table(eight) and alone["memory"] == eight["memory"]
 
 
 def test_moe_blocks_keep_only_their_input_under_full_recomputation():

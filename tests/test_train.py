@@ -408,8 +408,8 @@ def test_expert_parallel_trains_the_same_moe_as_one_rank(tmp_path, data_dir):
     """--expert_parallel=2 on 2 ranks (each holds 2 of the 4 experts; tokens travel to their experts' rank and back)
     gives 1 rank's losses and grad norms when that rank runs the whole global batch in one forward: capacity and the
     balance loss count the group's tokens as one batch. Every routing mode, dropless and with capacity drops, the
-    aux-free bias, an upcycled start; its checkpoints resume on 1 rank and 1 rank's resume at expert_parallel=2,
-    and its consolidated model exports to Mixtral."""
+    aux-free bias, an upcycled start, activation checkpointing and torch.compile; its checkpoints resume on 1 rank
+    and 1 rank's resume at expert_parallel=2, and its consolidated model exports to Mixtral."""
     import transformers
 
     from export import save_hf
@@ -421,7 +421,8 @@ def test_expert_parallel_trains_the_same_moe_as_one_rank(tmp_path, data_dir):
     base = SMALL + ["--max_iters=3", "--checkpoint_interval=2", "--eval_interval=3", "--n_experts=4", "--moe_top_k=2"]
     variants = {  # capacity 1.0 x 512 tokens x 2 / 4 experts: rows are dropped
         "upcycled": [f"--init_from={tmp_path / 'upcycled'}", "--moe_z_loss_coef=0.001"],
-        "capacity": ["--moe_router=softmax_topk", "--moe_capacity_factor=1.0", "--activation_checkpoint=full"],
+        "capacity": ["--moe_router=softmax_topk", "--moe_capacity_factor=1.0", "--activation_checkpoint=full",
+                     "--compile"],  # compiled in pieces around the exchange's host read
         "bias": ["--moe_router=softmax_topk_renorm", "--moe_capacity_factor=1.0", "--moe_bias_update_rate=0.01",
                  "--activation_checkpoint=selective"],  # the exchange kept, not sent again (common._save_matmuls)
     }
