@@ -281,29 +281,18 @@ def read_tokens(shards, start, length):
 # equivalent.
 
 def device_mesh(device_type, world_size, hsdp_replicas=0, expert_parallel=1):
-    """The ranks' mesh of a sharded run (train.py; simulate.py), which shard_model reads:
-    ("shard",)                            FSDP over every rank
-    ("replicate", "shard")                HSDP: shard within a group of world / hsdp_replicas ranks (a node),
-                                          replicate across groups
-    (["replicate",] "shard_mod_ep", "ep") expert parallelism: each group of `expert_parallel` consecutive ranks (a
-                                          node's NVLink) splits the experts among them; "shard", the two flattened,
-                                          is the dense parameters' shard group; the experts are sharded over
-                                          "shard_mod_ep", the ranks that hold the same experts (torchtitan's
-                                          dp_shard_mod_ep)"""
+    """The ranks' mesh of a sharded run (train.py; simulate.py): ("shard",), FSDP over every rank, or with
+    hsdp_replicas > 1 ("replicate", "shard"), HSDP: shard within a group of world / hsdp_replicas ranks (a node),
+    replicate across groups. expert_parallel is checked here (it must divide the shard group) and applied by
+    shard_model, which splits "shard" into ("shard_mod_ep", "ep")."""
     replicas = hsdp_replicas if hsdp_replicas > 1 else 1
     if world_size % replicas or (world_size // replicas) % expert_parallel:
         raise SystemExit(f"{world_size} ranks cannot make {replicas} replicas of a shard group divisible into "
                          f"expert-parallel groups of {expert_parallel} (hsdp_replicas={hsdp_replicas}, "
                          f"expert_parallel={expert_parallel})")
     from torch.distributed.device_mesh import init_device_mesh
-    shard = world_size // replicas
-    if expert_parallel <= 1:
-        shape, names = (replicas, shard), ("replicate", "shard")
-        return init_device_mesh(device_type, shape[replicas == 1:], mesh_dim_names=names[replicas == 1:])
-    shape, names = (replicas, shard // expert_parallel, expert_parallel), ("replicate", "shard_mod_ep", "ep")
-    mesh = init_device_mesh(device_type, shape[replicas == 1:], mesh_dim_names=names[replicas == 1:])
-    mesh["shard_mod_ep", "ep"]._flatten("shard")  # registered on the root: mesh["shard"], mesh["replicate", "shard"]
-    return mesh
+    shape, names = (replicas, world_size // replicas), ("replicate", "shard")
+    return init_device_mesh(device_type, shape[replicas == 1:], mesh_dim_names=names[replicas == 1:])
 
 
 def clip_grad_norm(parameters, max_norm):
@@ -347,7 +336,8 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=False, reshard_after_forward=True):
+def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=False, reshard_after_forward=True,
+                expert_parallel=1):
     """Shard `model` (a Transformer) in place over `mesh`, in torchtitan's order: the embedding, each block,
     the final norm + lm_head, then the root, which takes whatever is left. A block is all-gathered just before
     its forward and freed after it, so at most about one block's full weights exist at a time.
@@ -359,7 +349,9 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
     activation_checkpoint: "none" keeps every activation, "selective" keeps the products' outputs and recomputes
     the elementwise ops (_save_matmuls), "full" keeps only each block's input and recomputes the block (True and
     False mean "full" and "none"). reshard_after_forward=False keeps each block gathered from its forward to its
-    backward: one all-gather per block per micro-batch instead of two, for the memory of the unsharded weights."""
+    backward: one all-gather per block per micro-batch instead of two, for the memory of the unsharded weights.
+    expert_parallel > 1: each MoE layer's experts are split over groups of that many consecutive ranks of the
+    shard group (shard_experts)."""
     from functools import partial
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -370,12 +362,15 @@ def shard_model(model, mesh, param_dtype, activation_checkpoint="full", compile=
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint={activation_checkpoint!r}: use one of {AC_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    names = mesh.mesh_dim_names or ()
-    expert_parallel = mesh["ep"].size() if "ep" in names else 1
-    if expert_parallel > 1:  # device_mesh's layout: the dense parameters over "shard", the experts as below
-        ep_mesh = mesh["ep"]
-        mesh, expert_mesh = (mesh["replicate", "shard"], mesh["replicate", "shard_mod_ep"]) if "replicate" in names \
-            else (mesh["shard"], mesh["shard_mod_ep"])
+    if expert_parallel > 1:
+        # device_mesh's "shard" split in two (torchtitan's arrangement): "ep", groups of expert_parallel consecutive
+        # ranks (a node's NVLink) that split the experts among them, and "shard_mod_ep", the ranks that hold the
+        # same experts, over which FSDP shards those; the dense parameters stay on `mesh`
+        replicated = "replicate" in (mesh.mesh_dim_names or ())
+        shard = mesh["shard"].size() if replicated else mesh.size()
+        split = mesh._unflatten("shard", (shard // expert_parallel, expert_parallel), ("shard_mod_ep", "ep"))
+        ep_mesh = split["ep"]
+        expert_mesh = split["replicate", "shard_mod_ep"] if replicated else split["shard_mod_ep"]
 
     def placement(param):
         # FSDP shards dim 0 by default. The stacked experts (moe.py, (E, ffn, d) and (E, d, ffn)) have only E = 8

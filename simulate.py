@@ -257,17 +257,19 @@ def simulate_step():
     # one; the tracker then counts them as memory (the gradient norm of every full-size gradient at once). A fresh
     # mode for that propagation keeps it apart: the tracker skips ops of any other fake mode than its own.
     sharding_prop.detect_fake_mode = lambda *args: None
-    # a DeviceMesh computes its rank tensor from the real rank map at each use; FSDP2 concatenates the experts' two
-    # meshes (expert parallelism) inside the fake mode, which refuses a real tensor: make and read meshes outside it
+    # a DeviceMesh computes its rank tensor from the real rank map at each use; shard_model splits the mesh and FSDP2
+    # concatenates the experts' two meshes (expert parallelism) inside the fake mode, which refuses a real tensor:
+    # make, split and read meshes outside it
     if not hasattr(DeviceMesh.__init__, "unfaked"):
         DeviceMesh.__init__ = unset_fake(DeviceMesh.__init__)
+        DeviceMesh._unflatten = unset_fake(DeviceMesh._unflatten)
         DeviceMesh.mesh = property(unset_fake(DeviceMesh.mesh.fget))
     t0 = time.perf_counter()
     with FakeTensorMode():
         with torch.device("meta"):
             model = Transformer(model_cfg)
         common.shard_model(model, mesh, torch.bfloat16, activation_checkpoint, compile=False,
-                           reshard_after_forward=reshard_after_forward)
+                           reshard_after_forward=reshard_after_forward, expert_parallel=expert_parallel)
         model.to_empty(device="cpu")
         model.init_buffers()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -238,7 +238,7 @@ if hsdp_replicas == -1:  # shard over a node's GPUs (NVLink), replicate across n
 if expert_parallel > 1 and not model_cfg.n_experts:
     raise SystemExit(f"expert_parallel={expert_parallel} needs an MoE model (n_experts > 0)")
 mesh = device_mesh(device_type, world_size, hsdp_replicas, expert_parallel)
-shard_model(model, mesh, ptdtype, activation_checkpoint, compile, reshard_after_forward)
+shard_model(model, mesh, ptdtype, activation_checkpoint, compile, reshard_after_forward, expert_parallel)
 model.to_empty(device=device)
 init_sharded(model, seed, init_from)
 flops_per_token = model.flops_per_token(seq_len)
