@@ -220,16 +220,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     dv_t = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
     lo, full_lo, full_hi, n_full, n_masked, n_before = _query_blocks(DOC_START, DOC_END, b * T, start_n, T, CAUSAL,
                                                                      DOCS, BLOCK_M, BLOCK_N)
+    # one 3-D descriptor per tensor for all the heads, built once: one built per head inside the loop keeps its
+    # fields live in registers too, and with ptxas 13 (triton 3.9) the default configuration then spills at d 128
+    q_desc = tl.make_tensor_descriptor(Q + b * sqb, [n_head, T, HEAD_DIM], [sqh, sqt, 1], [1, BLOCK_M, HEAD_DIM])
+    do_desc = tl.make_tensor_descriptor(DO + b * sdob, [n_head, T, HEAD_DIM], [sdoh, sdot, 1], [1, BLOCK_M, HEAD_DIM])
     for h in range(kvh * group, (kvh + 1) * group):  # the query heads sharing this K/V head
-        q_desc = tl.make_tensor_descriptor(Q + b * sqb + h * sqh, [T, HEAD_DIM], [sqt, 1], [BLOCK_M, HEAD_DIM])
-        do_desc = tl.make_tensor_descriptor(DO + b * sdob + h * sdoh, [T, HEAD_DIM], [sdot, 1], [BLOCK_M, HEAD_DIM])
         row_base = (b * n_head + h) * T
         for phase in tl.static_range(2):  # 0: query blocks that see every key of this block; 1: the masked rest
             for j in range(n_full if phase == 0 else n_masked):
                 start_m = _block_start(j, phase, lo, full_lo, full_hi, n_before, BLOCK_M)
                 rows = start_m + offs_m
-                q = q_desc.load([start_m, 0])
-                do = do_desc.load([start_m, 0])
+                q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+                do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
                 # rows past T (masked phase) read q = dO = 0, L = D = 0: their dS is 0, they add nothing
                 lse = tl.load(LSE + row_base + rows, mask=rows < T, other=0.0)
                 delta = tl.load(DELTA + row_base + rows, mask=rows < T, other=0.0)
