@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402  (its script flow runs only under __main__)
-import serve  # noqa: E402
+import api_server  # noqa: E402
 import textfilters as tf  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer, add_lora, lora_disabled  # noqa: E402
@@ -198,7 +198,7 @@ class Served:
     def __init__(self, model, enc, name):
         count = self.count = [0]
 
-        class Counting(serve.Server):
+        class Counting(api_server.Server):
             def submit(self, job):
                 count[0] += 1
                 super().submit(job)

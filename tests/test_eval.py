@@ -20,7 +20,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402  (its script flow runs only under __main__)
-import serve  # noqa: E402
+import api_server  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from llm_api import parse_rating  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -161,7 +161,7 @@ def test_parse_rating():
         assert parse_rating(text) is None, text
 
 
-class CountingServer(serve.Server):
+class CountingServer(api_server.Server):
     """serve.py's server, counting the generation requests it is sent."""
     requests = 0
 

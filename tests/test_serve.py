@@ -1,7 +1,7 @@
-"""Claims about serve.py's HTTP server, tested against a real server on 127.0.0.1 with a tiny random checkpoint:
-it speaks OpenAI's chat/completions, completions and models schemas; greedy answers are model.generate's; a stream
-adds up to the same text as the whole answer; seeds reproduce; stop strings cut; bad requests get a 4xx with a JSON
-error and leave the server up; concurrent clients, batched together, get what they would get alone."""
+"""Claims about serve.py's HTTP server (api_server.py), tested against a real server on 127.0.0.1 with a tiny random
+checkpoint: it speaks OpenAI's chat/completions, completions and models schemas; greedy answers are model.generate's;
+a stream adds up to the same text as the whole answer; seeds reproduce; stop strings cut; bad requests get a 4xx with
+a JSON error and leave the server up; concurrent clients, batched together, get what they would get alone."""
 
 import copy
 import dataclasses
@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import serve  # noqa: E402  (its script flow runs only under __main__)
+import api_server  # noqa: E402
 from conftest import serve_py, wait_for_text  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -52,7 +52,7 @@ def loaded(checkpoint):
 
 
 def start(model, enc, **limits):
-    server = serve.Server(model, enc, port=0, model_name="tiny", **limits)
+    server = api_server.Server(model, enc, port=0, model_name="tiny", **limits)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
