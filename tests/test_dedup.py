@@ -119,25 +119,25 @@ def test_knowledge_frequency_counts_copies_once():
 
 def test_repeated_line_counts_are_exact_in_bounded_memory(tmp_path):
     """The boilerplate-line counter counts exactly, holding about its memory budget however many lines go through it
-    (the spill to disk is what grows): 200,000 documents x 30 never-repeated lines plus 40 lines of site chrome, each
-    in 1,250 documents, through a 1 MB budget. Every chrome line is found and no other line (a fixed-size count-min
-    sketch flagged 27% of never-repeated lines at 14M documents and 99.99% at 20M)."""
+    (the spill to disk is what grows): 50,000 documents x 30 never-repeated lines plus 40 lines of site chrome, each
+    in 312 or 313 documents, through a 256 KB budget. Every chrome line is found and no other line (a fixed-size
+    count-min sketch flagged 27% of never-repeated lines at 14M documents and 99.99% at 20M)."""
     import tracemalloc
     chrome = np.random.default_rng(0).integers(0, 2**63, 40, dtype=np.uint64)
 
     def documents():
         rng = np.random.default_rng(1)
-        for i in range(200_000):
+        for i in range(50_000):
             lines = rng.integers(0, 2**63, 30, dtype=np.uint64)
             yield np.unique(np.append(lines, chrome[i // 4 % 40]) if i % 4 == 0 else lines)
 
     tracemalloc.start()
-    found, n_lines = dedup.repeated_hashes(documents(), 100, str(tmp_path / "spill"), 1 << 20)
+    found, n_lines = dedup.repeated_hashes(documents(), 100, str(tmp_path / "spill"), 1 << 18)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert n_lines == 200_000 * 30 + 50_000
+    assert n_lines == 50_000 * 30 + 12_500
     assert np.array_equal(found, np.sort(chrome))
-    assert peak < 8 << 20, peak  # the lines are 48 MB: a count held in memory would hold them all
+    assert peak < 3 << 20, peak  # the lines are 12 MB: a count held in memory would hold them all
     assert not os.path.exists(tmp_path / "spill")  # the spill files are gone
 
 
