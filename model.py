@@ -104,18 +104,9 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
-def document_starts(doc_ids):
-    """(B, T) -> (B, T): the position where each token's document begins. A document is a run of equal consecutive
-    ids (as the kernels read them: an id that comes back later starts a new document)."""
-    t = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return torch.where(starts, t, 0).cummax(dim=1).values
-
-
 def document_mask(doc_ids):
     """The block-diagonal causal mask (B, 1, T, T) of packed documents: earlier keys of the same document only."""
-    begin = document_starts(doc_ids)
+    begin = kernels.document_starts(doc_ids)
     T = doc_ids.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return ((begin[:, :, None] == begin[:, None, :]) & causal)[:, None]
@@ -308,7 +299,7 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids (packed documents) is for training and scoring, not for a KV cache")
             # a position's index within its document: t minus where that document began
             t = torch.arange(T, device=idx.device).expand(B, T)
-            positions = t - document_starts(doc_ids)  # (B, T)
+            positions = t - kernels.document_starts(doc_ids)  # (B, T)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim // 2)
         x = self.embed(idx)  # (B, T, d_model)
         cos, sin = rope_factors(cos, sin, x.dtype)

@@ -95,6 +95,16 @@ def flash_attention(q, k, v, causal=True, doc_ids=None):
     return _flash_attention(q, k, v, causal, doc_ids)[0]
 
 
+def document_starts(doc_ids):
+    """(B, T) -> (B, T): the position where each token's document begins. A document is a run of equal consecutive
+    ids (an id that comes back later starts a new document). The model's positions restart there; the kernels'
+    bounds (attention.document_bounds) are these and the same taken from the other end."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(starts, t, 0).cummax(dim=1).values
+
+
 def document_attention(q, k, v, doc_ids, causal=True):
     """flash_attention's document masking in plain PyTorch (SDPA a chunk of queries at a time), for the CPU."""
     from kernels.attention import document_attention

@@ -358,14 +358,10 @@ def _strides(t):
 def document_bounds(doc_ids):
     """doc_ids (B, T) -> (first, end), int32 (B, T): where each position's document starts, and one past where it
     ends. A document is a run of equal consecutive ids."""
-    B, T = doc_ids.shape
-    t = torch.arange(T, device=doc_ids.device).expand(B, T)
-    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    ends = torch.ones_like(starts)  # the last position of a document: the next one starts another
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, t, 0).cummax(dim=1).values
-    end = torch.where(ends, t + 1, T).flip(1).cummin(dim=1).values.flip(1)
+    from kernels import document_starts
+    first = document_starts(doc_ids)
+    # read from the other end, a document's start is its last position: T - that is one past it
+    end = doc_ids.size(1) - document_starts(doc_ids.flip(1)).flip(1)
     return first.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
