@@ -486,8 +486,11 @@ class MoE(nn.Module):
         counts = local_counts if all_counts is None else all_counts.sum(0)
         capacity = None
         if self.capacity_factor > 0:  # GShard/Switch: each expert takes at most cf * its fair share of N*k
-            n_tokens = x.size(0) if all_counts is None else all_counts.sum().item() // self.top_k
-            capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+            if all_counts is None:
+                capacity = math.ceil(x.size(0) * self.top_k * self.capacity_factor / self.n_experts)
+            else:  # the same number in the same float64 arithmetic, left on the device: no host sync here (the
+                # exchange's sizes are the layer's one, moe.host_splits)
+                capacity = torch.ceil(all_counts.sum().double() * self.capacity_factor / self.n_experts).long()
         if self.ep_group is None:
             y = self.dispatch(x, experts, gates, self.w_gate, self.w_up, self.w_down, capacity)
         else:  # under FSDP the gathered experts are DTensors over the expert-parallel mesh: this rank's share
