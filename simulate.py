@@ -11,6 +11,9 @@ and the step time, tokens/s/GPU and MFU an H100 cluster could reach at most (~1 
                                                        all-to-alls on NVLink; routing assumed balanced)
     python simulate.py configs/8b.py configs/8x8b.py --gpus=128 --simulate_ep=1,2,4,8 --simulate_micro=12,24
                                                        a sweep: one table of every setting, the best that fits
+    python simulate.py configs/8b.py configs/8x8b.py --gpus=128 --simulate_expert_load=2
+                                                       a hot expert (2x its share) on the traced rank: the memory
+                                                       and step time of the rank every other one waits for
     python simulate.py configs/8b.py --gpus=128 --micro_batch_size=4 --activation_checkpoint=selective
 
 Every train.py setting that shapes the step is a setting here with the same name, so the same config files load.
@@ -64,6 +67,8 @@ simulate_all_micro = False  # trace every micro-batch instead of the first, seco
 simulate_json = ""          # also write the results here as JSON
 simulate_ep = None          # a sweep: expert_parallel degrees (--simulate_ep=1,2,4,8), each traced in a fresh world
 simulate_micro = None       # ... and micro_batch_size values for each (--simulate_micro=6,12,24); one table
+simulate_expert_load = 1.0  # expert_parallel > 1: the busiest expert's share of the assignments over its fair 1/E,
+                            # held by the traced rank (dropless, it runs them all: memory and time of a hot expert)
 # train.py's settings that configs/*.py also set: accepted so that the same files load here, and not used
 min_lr = moe_aux_loss_coef = moe_z_loss_coef = z_loss = 0.0
 max_iters = warmup_iters = checkpoint_interval = keep_checkpoints = log_interval = eval_interval = eval_iters = 0
@@ -178,14 +183,25 @@ def unset_fake(fn):
     return unfaked
 
 
-def balanced_splits(keep, me, E_local):
-    """moe.host_splits in the trace, where the counts are fake tensors without values: the exchange's sizes if
-    routing is balanced (the assumption, which Tanuki's balance loss ~1.0 supports): each of the E experts gets
-    N*k/E of a rank's N*k assignments (N = micro_batch_size * seq_len tokens), so a rank sends N*k/ep rows to each
-    peer of its group of ep and receives as many from each. (send, recv, per_expert) as host_splits."""
-    ep, E = keep.shape
-    rows = micro_batch_size * seq_len * model_cfg.moe_top_k
-    per = [rows // E + (e < rows % E) for e in range(E)]
+def expert_rows():
+    """The assignments each expert gets from one rank's micro-batch (N*k of them, N = micro_batch_size * seq_len
+    tokens), the same from every rank: evenly spread (the assumption, which Tanuki's balance loss ~1.0 supports), or
+    with simulate_expert_load > 1 the traced rank's first expert getting that many times its share and the others
+    the rest evenly."""
+    E, rows = model_cfg.n_experts, micro_batch_size * seq_len * model_cfg.moe_top_k
+    hot = (simulate_rank % expert_parallel) * (E // expert_parallel)  # the traced rank's first expert
+    hot_rows = min(rows, round(simulate_expert_load * rows / E))
+    rest = rows - hot_rows
+    others = iter([rest // (E - 1) + (i < rest % (E - 1)) for i in range(E - 1)])
+    return [hot_rows if e == hot else next(others) for e in range(E)]
+
+
+def routed_splits(keep, me, E_local):
+    """moe.host_splits in the trace, where the counts are fake tensors without values: the exchange's sizes with
+    expert_rows' routing. A rank sends each peer the rows of that peer's experts and receives its own experts' rows
+    from each. (send, recv, per_expert) as host_splits."""
+    ep = keep.shape[0]
+    per = expert_rows()
     send = [sum(per[p * E_local:(p + 1) * E_local]) for p in range(ep)]
     mine = per[me * E_local:(me + 1) * E_local]
     return send, [sum(mine)] * ep, mine * ep
@@ -251,8 +267,8 @@ def simulate_step():
     # keeps for its backward is among them), so model.py and moe.py run as on an H100, without Triton
     kernels.use_triton = lambda tensor: True
     # expert parallelism: the fake process group moves no data, so the routing counts behind the all-to-alls' split
-    # sizes are not real; balanced_splits stands in for them: routing is ASSUMED BALANCED
-    host_splits, moe.host_splits = moe.host_splits, balanced_splits
+    # sizes are not real; routed_splits stands in for them: routing is ASSUMED BALANCED, or skewed as asked
+    host_splits, moe.host_splits = moe.host_splits, routed_splits
     # DTensor computes output shapes on fake tensors of the *global* shape, in the active fake mode when there is
     # one; the tracker then counts them as memory (the gradient norm of every full-size gradient at once). A fresh
     # mode for that propagation keeps it apart: the tracker skips ops of any other fake mode than its own.
@@ -354,7 +370,17 @@ def simulate_step():
     flops = model.flops_per_token(seq_len) * tokens
     recompute = sum(weight.get(phase, 1) * (max(0, bwd - 2 * fwd) + kernels_rerun)
                     for phase, (fwd, bwd, kernels_rerun) in counter.flops.items() if phase in weight)
-    t_compute = (flops + recompute) / (peak_tflops * 1e12)
+    # a rank whose experts get more than their share runs more rows than the model's FLOPs count, and the step
+    # waits for it: per extra row, three products of 2 d f FLOPs forward and twice that backward, in every layer
+    # (the recomputation's rerun is traced, so it is in `recompute` already)
+    received = fair = 0
+    if ep > 1:
+        E_local, per = model_cfg.n_experts // ep, expert_rows()
+        received = ep * sum(per[simulate_rank % ep * E_local:(simulate_rank % ep + 1) * E_local])
+        fair = micro_batch_size * seq_len * model_cfg.moe_top_k  # E_local * ep = E experts' worth of 1/E each
+    hot_flops = (received - fair) * 3 * 3 * 2 * model_cfg.d_model * model_cfg.ffn_hidden * model_cfg.n_layer \
+        * grad_accum
+    t_compute = (flops + recompute + hot_flops) / (peak_tflops * 1e12)
     t_comm = sum(row["seconds"] for row in comm.values())
     ceilings = {label: {"step_s": t, "tokens_per_s_per_gpu": tokens / t, "mfu": flops / t / (peak_tflops * 1e12)}
                 for label, t in (("overlapped", max(t_compute, t_comm)), ("serial", t_compute + t_comm))}
@@ -370,7 +396,20 @@ def simulate_step():
         "memory": memory, "collectives": list(comm.values()),
         "eval_collectives": sum(1 for phase, *_ in counter.log if phase == "eval"),
         "flops": flops, "recompute_flops": recompute, "compute_s": t_compute, "comm_s": t_comm, "ceilings": ceilings,
+        "expert_load": simulate_expert_load if ep > 1 else None, "expert_rows": {"received": received, "fair": fair},
+        "hot_expert_flops": hot_flops,
     }
+
+
+def routing_said(r=None):
+    """How the exchange's sizes were made up, for the printed reports: of one result r, or of the settings."""
+    if simulate_expert_load == 1.0:
+        return "routing ASSUMED BALANCED"
+    said = f"routing SKEWED: the traced rank's first expert gets {simulate_expert_load:g}x its share"
+    if r and r["expert_rows"]["fair"]:
+        said += (f", so the rank receives {r['expert_rows']['received'] / r['expert_rows']['fair']:.2f}x the balanced "
+                 "rows and runs their products")
+    return said
 
 
 def simulate_report():
@@ -379,8 +418,8 @@ def simulate_report():
                 else f"FSDP: sharded over all {r['gpus']}")
     if r["expert_parallel"] > 1:
         sharding += (f"; expert parallel over groups of {r['expert_parallel']}, the experts sharded over "
-                     f"{r['shard_group'] // r['expert_parallel']} (routing ASSUMED BALANCED: the all-to-alls' sizes "
-                     "are simulate.balanced_splits', not counted from fake tensors)")
+                     f"{r['shard_group'] // r['expert_parallel']} ({routing_said(r)}: the all-to-alls' sizes are "
+                     "simulate.routed_splits', not counted from fake tensors)")
     print(f"simulated step (no hardware): {r['params'] / 1e9:.4g}B parameters on {r['gpus']} fake ranks, {sharding}; "
           f"{r['grad_accum']} micro-batches of {r['micro_batch_size']} x {seq_len}, activation_checkpoint="
           f"{r['activation_checkpoint']}, grad_sync={r['grad_sync']}, reshard_after_forward="
@@ -413,8 +452,9 @@ def simulate_report():
           f"{r['eval_collectives']} collectives, every eval_interval steps; not counted)")
     print(f"\nceiling on H100 at the stated figures (analytic, not measured: every FLOP at {peak_tflops:.0f} TFLOP/s)")
     print(f"  compute {r['compute_s']:.3f} s: {r['flops'] / 1e12:.1f} TFLOP of the model + "
-          f"{r['recompute_flops'] / 1e12:.1f} TFLOP recomputed (activation_checkpoint={r['activation_checkpoint']}); "
-          f"communication {r['comm_s']:.3f} s")
+          f"{r['recompute_flops'] / 1e12:.1f} TFLOP recomputed (activation_checkpoint={r['activation_checkpoint']})"
+          + (f" + {r['hot_expert_flops'] / 1e12:.1f} TFLOP of the hot expert's extra rows" if r["hot_expert_flops"]
+             else "") + f"; communication {r['comm_s']:.3f} s")
     for label, c in r["ceilings"].items():
         what = "communication hidden under compute (max)" if label == "overlapped" else "no overlap (sum)"
         print(f"  {what:42s} step {c['step_s']:.3f} s, {c['tokens_per_s_per_gpu']:8,.0f} tokens/s/GPU, "
@@ -439,7 +479,7 @@ def simulate_sweep():
             rows.append(r)
             print(f"traced expert_parallel={ep} micro_batch_size={micro} in {r['trace_s']:.0f} s\nSIMULATE "
                   + json.dumps(r), flush=True)
-    print(f"\nsweep on {gpus} fake ranks (routing ASSUMED BALANCED; per GPU per step; the expert all-gather is the "
+    print(f"\nsweep on {gpus} fake ranks ({routing_said()}; per GPU per step; the expert all-gather is the "
           "experts' part of the all-gathers' buffers; sent by the ring model; MFU ceilings at the stated figures)")
     print(f"  {'EP':>3s} {'micro':>5s} {'peak GiB':>8s} {'shard spread':>12s} {'expert AG GB':>12s} {'a2a GB':>7s} "
           f"{'NVLink GB':>9s} {'IB GB':>7s} {'compute s':>9s} {'comm s':>7s} {'MFU overl.':>10s} {'MFU serial':>10s}")

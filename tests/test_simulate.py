@@ -1,6 +1,7 @@
 """simulate.py: train.py's step traced at the real world size on fake ranks and fake tensors. The sharding is
 even over 128 ranks for the 8B and the 8x8B, the peak fits an H100, and the collective bytes equal a hand count;
-with expert parallelism each rank gathers only its experts, and the all-to-alls stay inside a node."""
+with expert parallelism each rank gathers only its experts, the all-to-alls stay inside a node, and a hot expert's
+rank receives, holds and computes its extra rows."""
 
 import json
 import os
@@ -129,7 +130,7 @@ def test_expert_parallel_gathers_an_eighth_of_the_experts_and_exchanges_rows_ins
     assert {row["link"] for row in eight["collectives"] if row["group"] == 16} == {"InfiniBand"}
     # all-to-alls only with expert parallelism, inside a node (groups of 8 consecutive ranks): per layer and
     # micro-batch two in the forward, two in its recomputation, two in the backward, each of the N*k bf16 rows
-    # (balanced routing, simulate.balanced_splits); and per forward one gather of the 8 ranks' 8 int64 counts
+    # (balanced routing, simulate.routed_splits); and per forward one gather of the 8 ranks' 8 int64 counts
     assert not [row for row in one["collectives"] if row["kind"] in ("all-to-all", "counts gather")]
     a2a = [row for row in eight["collectives"] if row["kind"] == "all-to-all"]
     assert [(row["group"], row["link"], row["count"], row["bytes"]) for row in a2a] == \
@@ -145,6 +146,17 @@ def test_expert_parallel_gathers_an_eighth_of_the_experts_and_exchanges_rows_ins
     # nothing of the first world leaks into the second: EP=8 alone traces the same
     alone, _ = simulate(*MOE, "--expert_parallel=8")
     assert table(alone) == table(eight) and alone["memory"] == eight["memory"]
+    # a hot expert: the traced rank's gets 3x its share of every rank's rows (dropless: it runs them all). It
+    # receives 3x the balanced 64 rows per layer and micro-batch; the all-to-alls carry its own 64 out and the 192
+    # back (each three times, as above); its activations grow, and the step waits for its extra products
+    hot, out = simulate(*MOE, "--expert_parallel=8", "--simulate_expert_load=3")
+    assert hot["expert_rows"] == {"received": 192, "fair": 64} and eight["expert_rows"]["received"] == 64
+    a2a = [row["bytes"] for row in hot["collectives"] if row["kind"] == "all-to-all"]
+    assert a2a == [2 * 2 * 3 * (64 + 192) * 256 * 2]
+    assert hot["memory"]["activations"] > eight["memory"]["activations"]
+    assert hot["hot_expert_flops"] == (192 - 64) * 3 * 3 * 2 * 256 * 512 * 2 * 2 and eight["hot_expert_flops"] == 0
+    assert hot["ceilings"]["serial"]["mfu"] < eight["ceilings"]["serial"]["mfu"]
+    assert "routing SKEWED" in out and "3.00x the balanced rows" in out
 
 
 def test_moe_blocks_keep_only_their_input_under_full_recomputation():
