@@ -154,7 +154,15 @@ def print0(*args, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# learning-rate schedules
+# the optimizer and learning-rate schedules
+
+def adamw(params, learning_rate, weight_decay, betas, device_type):
+    """AdamW over the trained `params` (train.py, sft.py, dpo.py, simulate.py), weight decay on matrices only:
+    decaying norm gains toward 0 only fights the normalization (nanoGPT). The fused kernel on CUDA."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=learning_rate, betas=betas, eps=1e-8, fused=device_type == "cuda")
+
 
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps, schedule="cosine", decay_frac=0.2):
     """Learning rate at `step` (0-based).

@@ -44,7 +44,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import textfilters as tf
 from checkpoint import (latest_checkpoint, load_checkpoint, load_for_finetuning, load_train_checkpoint, save_finetuned,
                         save_train_checkpoint)
-from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
+from common import adamw, cleanup_distributed, load_config, lr_at, print0, setup_distributed
 from corpus import append_jsonl, bad, bad_lines, new_counts, read_jsonl
 from llm_api import chat_completion, judge_key, judge_prompt, judge_ratings
 from model import lora_disabled
@@ -379,9 +379,7 @@ def train_step(policy_dir, round_dir, model_dir, round_index):
     model = load_for_finetuning(policy_dir, init_device_mesh(device_type, (world_size,)), device, torch_dtype, lora,
                                 activation_checkpoint, seed + round_index)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(beta1, beta2), eps=1e-8, fused=device_type == "cuda")
+    optimizer = adamw(params, learning_rate, weight_decay, (beta1, beta2), device_type)
 
     def logprobs(batch):
         """(policy chosen, policy rejected) summed log-probs of a micro-batch: one forward of both answers."""

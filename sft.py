@@ -34,7 +34,7 @@ from checkpoint import (
     save_finetuned,
     save_train_checkpoint,
 )
-from common import cleanup_distributed, load_config, lr_at, print0, setup_distributed
+from common import adamw, cleanup_distributed, load_config, lr_at, print0, setup_distributed
 from model import ModelConfig
 from tokenizer import load_tokenizer, render_chat, special_id, tokenizer_hash
 
@@ -233,10 +233,7 @@ params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "
        f"({'LoRA rank ' + str(lora_rank) if lora_rank else 'full fine-tuning'}), {world_size} ranks")
-# weight decay on matrices only, as train.py
-optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), eps=1e-8, fused=device_type == "cuda")
+optimizer = adamw(params, learning_rate, weight_decay, (beta1, beta2), device_type)  # as train.py
 
 step, tokens, skipped = 0, 0, 0
 ckpt_root = os.path.join(out_dir, "checkpoints")

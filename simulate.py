@@ -289,9 +289,7 @@ def simulate_step():
         model.to_empty(device="cpu")
         model.init_buffers()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                      lr=learning_rate or 1e-4, betas=(beta1 or 0.9, beta2 or 0.95), eps=1e-8)
+        optimizer = common.adamw(params, learning_rate or 1e-4, weight_decay, (beta1 or 0.9, beta2 or 0.95), "cpu")
         ids = torch.randint(0, model.cfg.vocab_size, (micro_batch_size, seq_len + 1))
         # AdamW creates its state at the first step: one step on zero gradients first, so that the traced step is
         # any later one, with exp_avg and exp_avg_sq alive through the forward and backward

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from checkpoint import (init_sharded, latest_checkpoint, load_train_checkpoint, read_model_config, save_checkpoint,
                         save_train_checkpoint)
 from common import (
+    adamw,
     cleanup_distributed,
     clip_grad_norm,
     device_mesh,
@@ -245,11 +246,9 @@ flops_per_token = model.flops_per_token(seq_len)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {world_size} ranks, {grad_accum} micro-batches of "
        f"{micro_batch_size} x {seq_len} per rank per step, {tokens_per_step:,} tokens per step")
 
-# AdamW; weight decay on matrices only: decaying norm gains toward 0 only fights the normalization (nanoGPT)
+# AdamW, weight decay on matrices only (common.adamw)
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), eps=1e-8, fused=device_type == "cuda")
+optimizer = adamw(params, learning_rate, weight_decay, (beta1, beta2), device_type)
 
 # -----------------------------------------------------------------------------
 # state that a checkpoint carries besides weights and optimizer, and resuming it
