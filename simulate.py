@@ -259,6 +259,9 @@ def simulate_step():
         raise SystemExit(f"simulate_rank={simulate_rank} is not a rank of {world}")
     if expert_parallel > 1 and not model_cfg.n_experts:
         raise SystemExit(f"expert_parallel={expert_parallel} needs an MoE model (n_experts > 0)")
+    if expert_parallel > 1 and not 0 < simulate_expert_load <= model_cfg.n_experts:
+        raise SystemExit(f"simulate_expert_load={simulate_expert_load} must be in (0, n_experts]: a multiple of an "
+                         f"expert's fair share of 1/{model_cfg.n_experts}")
     dist.init_process_group("fake", store=FakeStore(), rank=simulate_rank, world_size=world)
     mesh = common.device_mesh("cpu", world, hsdp_replicas, expert_parallel)  # train.py's meshes
     import kernels
@@ -369,15 +372,15 @@ def simulate_step():
     recompute = sum(weight.get(phase, 1) * (max(0, bwd - 2 * fwd) + kernels_rerun)
                     for phase, (fwd, bwd, kernels_rerun) in counter.flops.items() if phase in weight)
     # a rank whose experts get more than their share runs more rows than the model's FLOPs count, and the step
-    # waits for it: per extra row, three products of 2 d f FLOPs forward and twice that backward, in every layer
-    # (the recomputation's rerun is traced, so it is in `recompute` already)
+    # waits for it: per extra row, three products of 2 d f FLOPs forward and twice that backward, in every MoE
+    # layer (the recomputation's rerun is traced, so it is in `recompute` already)
     received = fair = 0
     if ep > 1:
         E_local, per = model_cfg.n_experts // ep, expert_rows()
         received = ep * sum(per[simulate_rank % ep * E_local:(simulate_rank % ep + 1) * E_local])
         fair = micro_batch_size * seq_len * model_cfg.moe_top_k  # E_local * ep = E experts' worth of 1/E each
-    hot_flops = (received - fair) * 3 * 3 * 2 * model_cfg.d_model * model_cfg.ffn_hidden * model_cfg.n_layer \
-        * grad_accum
+    moe_layers = sum(isinstance(m, moe.MoE) for m in model.modules())
+    hot_flops = (received - fair) * 3 * 3 * 2 * model_cfg.d_model * model_cfg.ffn_hidden * moe_layers * grad_accum
     t_compute = (flops + recompute + hot_flops) / (peak_tflops * 1e12)
     t_comm = sum(row["seconds"] for row in comm.values())
     ceilings = {label: {"step_s": t, "tokens_per_s_per_gpu": tokens / t, "mfu": flops / t / (peak_tflops * 1e12)}

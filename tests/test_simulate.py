@@ -109,6 +109,9 @@ def test_bad_input_is_a_clear_message():
     result = subprocess.run([sys.executable, "simulate.py", *TINY, "--expert_parallel=2"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1 and "expert_parallel=2 needs an MoE model" in result.stderr
+    result = subprocess.run([sys.executable, "simulate.py", *MOE, "--expert_parallel=8", "--simulate_expert_load=0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and "simulate_expert_load=0.0 must be in (0, n_experts]" in result.stderr
 
 
 def gathered(r, group, kind="all-gather"):
